@@ -1,0 +1,736 @@
+//! Pod mutation: inject `kips-bridge` (and `kips-init` in iptables mode), or strip and
+//! re-render a pod that kips already injected.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use json_patch::PatchOperation;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, TCPSocketAction,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+
+use super::bridge::{BridgedPort, CONNECTION_STRING_ENV, cluster_args};
+use super::ports::{PortRedirect, allocate_listen_ports};
+use super::status::{InjectionStatus, RenamedPort};
+use super::view::{MetaView, PodView, PortValue};
+use super::{
+    BRIDGE_CONTAINER, CONNECTION_STRING_KEY, Effect, INIT_CONTAINER, InjectConfig, Mutation,
+    VERSION, add, parse_pointer, pointer, replace,
+};
+use crate::annotations::{KipsAnnotations, PortMode, PortRef, Protocol, RelayName, STATUS};
+
+/// The env var through which `kips-init` learns the node's addresses (the kubelet's probes
+/// come from there and must still reach the app).
+pub const NODE_IPS_ENV: &str = "KIPS_NODE_IPS";
+
+/// Admits a pod given as JSON. `relay_hint` names the workload when the pod has no owner to
+/// tell it (a pod template rendered by `kips inject`).
+pub fn mutate(
+    pod_json: &str,
+    config: &InjectConfig,
+    relay_hint: Option<&str>,
+) -> Result<Mutation, serde_json::Error> {
+    let pod: PodView = serde_json::from_str(pod_json)?;
+    if !crate::annotations::has_kips_key(pod.metadata.annotation_pairs().map(|(k, _)| k))
+        && !carries_injection(&pod)
+    {
+        return Ok(Mutation::default());
+    }
+    if carries_injection(&pod) {
+        // Already injected (reinvocation, or a template rendered by `kips inject`): strip
+        // what kips added, render afresh, and send only the difference.
+        let current: Value = serde_json::from_str(pod_json)?;
+        return Ok(rerender(&current, config, relay_hint));
+    }
+    Ok(mutate_view(&pod, config, relay_hint))
+}
+
+fn carries_injection(pod: &PodView) -> bool {
+    pod.metadata.annotation(STATUS).is_some()
+        || pod
+            .spec
+            .all_containers()
+            .any(|c| &*c.name == BRIDGE_CONTAINER || &*c.name == INIT_CONTAINER)
+}
+
+/// Injects into a pod that carries nothing of kips yet.
+fn mutate_view(pod: &PodView, config: &InjectConfig, relay_hint: Option<&str>) -> Mutation {
+    let skipped = |reason: String| Mutation {
+        warnings: vec![format!("kips: pod not injected: {reason}")],
+        effect: Effect::Skipped,
+        ..Default::default()
+    };
+    let annotations = match KipsAnnotations::parse(pod.metadata.annotation_pairs()) {
+        Ok(parsed) => parsed,
+        Err(errors) => {
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return skipped(reasons.join("; "));
+        }
+    };
+    if !annotations.wants_injection() {
+        return Mutation::default();
+    }
+    if pod.spec.host_network == Some(true) {
+        return skipped(
+            "it uses hostNetwork; kips never rewrites the node's network or ports".into(),
+        );
+    }
+    match plan(pod, &annotations, config, relay_hint) {
+        Ok(plan) => Mutation {
+            patch: render(pod, &plan, config),
+            warnings: plan.warnings,
+            effect: Effect::Injected,
+            needs: None,
+        },
+        Err(reason) => skipped(reason),
+    }
+}
+
+/// Everything decided about one pod before rendering.
+#[derive(Debug)]
+pub struct Plan {
+    pub ports: Vec<BridgedPort>,
+    pub annotations: KipsAnnotations,
+    /// `None` when there is nothing to redirect (reverse entries only).
+    pub mode: Option<PortMode>,
+    pub renames: Vec<Rename>,
+    pub secret: String,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Rename {
+    pub container: usize,
+    pub container_name: String,
+    pub port: usize,
+    pub from: String,
+    pub to: String,
+}
+
+/// A container port a redirect refers to.
+struct DeclaredPort<'v> {
+    container: usize,
+    port: usize,
+    number: u16,
+    name: Option<&'v str>,
+}
+
+pub fn plan(
+    pod: &PodView,
+    annotations: &KipsAnnotations,
+    config: &InjectConfig,
+    relay_hint: Option<&str>,
+) -> Result<Plan, String> {
+    let mut warnings = Vec::new();
+    let default_relay = || -> Result<RelayName, String> {
+        let name = relay_hint
+            .map(str::to_owned)
+            .or_else(|| workload_name(&pod.metadata))
+            .ok_or("a redirect without a relay needs the workload's name, and this pod has none; write <relay>:<port>")?;
+        RelayName::parse(&name).map_err(|e| format!("the workload name cannot be the relay: {e}"))
+    };
+
+    let mut resolved = Vec::new();
+    for redirect in &annotations.redirects {
+        let relay = match &redirect.relay {
+            Some(relay) => relay.clone(),
+            None => default_relay()?,
+        };
+        let declared = find_declared_port(pod, &redirect.port, redirect.protocol)?;
+        let app_port = match (&redirect.port, &declared) {
+            (_, Some(d)) => d.number,
+            (PortRef::Number(n), None) => {
+                warnings.push(format!(
+                    "kips: port {n}/{} is not declared by any container; redirecting it anyway",
+                    redirect.protocol
+                ));
+                *n
+            }
+            (PortRef::Name(_), None) => unreachable!("a port name always resolves or errs"),
+        };
+        resolved.push((redirect, relay, app_port, declared));
+    }
+
+    let requested = annotations.port_mode.unwrap_or(config.default_port_mode);
+    let mode = (!resolved.is_empty()).then(|| match requested {
+        PortMode::Auto
+            if annotations
+                .redirects
+                .iter()
+                .all(|r| matches!(r.port, PortRef::Name(_))) =>
+        {
+            PortMode::Named
+        }
+        PortMode::Auto => PortMode::Iptables,
+        explicit => explicit,
+    });
+
+    let taken: BTreeSet<u16> = pod
+        .spec
+        .all_containers()
+        .flat_map(|c| c.ports())
+        .filter_map(|p| u16::try_from(p.container_port).ok())
+        .collect();
+    let listen_ports = allocate_listen_ports(config.listen_port_base, &taken, resolved.len())?;
+
+    let mut renames = Vec::new();
+    let mut ports = Vec::new();
+    for ((redirect, relay, app_port, declared), listen_port) in
+        resolved.into_iter().zip(listen_ports)
+    {
+        if mode == Some(PortMode::Named) {
+            let Some(DeclaredPort {
+                container,
+                port,
+                name: Some(name),
+                ..
+            }) = declared
+            else {
+                return Err(format!(
+                    "port mode named needs a named container port, and port {redirect} has no name; name the port or use kips.io/port-mode: iptables"
+                ));
+            };
+            let to = renamed_port_name(app_port, redirect.protocol);
+            if pod.spec.containers[container]
+                .ports()
+                .iter()
+                .any(|p| p.name.as_deref() == Some(&to))
+            {
+                return Err(format!(
+                    "container port name \"{to}\" is taken; kips needs it for the renamed port \"{name}\""
+                ));
+            }
+            renames.push(Rename {
+                container,
+                container_name: pod.spec.containers[container].name.to_string(),
+                port,
+                from: name.to_owned(),
+                to,
+            });
+        }
+        ports.push(BridgedPort {
+            relay,
+            port: redirect.port.clone(),
+            protocol: redirect.protocol,
+            app_port,
+            listen_port,
+        });
+    }
+
+    Ok(Plan {
+        ports,
+        annotations: annotations.clone(),
+        mode,
+        renames,
+        secret: annotations
+            .relay_secret
+            .clone()
+            .unwrap_or_else(|| config.relay_secret.clone()),
+        warnings,
+    })
+}
+
+/// The port a redirect names: by name it must exist (with the redirect's protocol); by number
+/// it may be undeclared (iptables still redirects it).
+fn find_declared_port<'v>(
+    pod: &'v PodView,
+    port: &PortRef,
+    protocol: Protocol,
+) -> Result<Option<DeclaredPort<'v>>, String> {
+    let declared = pod
+        .spec
+        .containers
+        .iter()
+        .enumerate()
+        .flat_map(|(ci, c)| c.ports().iter().enumerate().map(move |(pi, p)| (ci, pi, p)));
+    let mut by_name_other_protocol = None;
+    for (container, index, p) in declared {
+        let matches = match port {
+            PortRef::Number(n) => p.container_port == i32::from(*n),
+            PortRef::Name(name) => p.name.as_deref() == Some(name.as_str()),
+        };
+        if !matches {
+            continue;
+        }
+        if p.protocol() != Some(protocol) {
+            by_name_other_protocol =
+                Some((container, p.protocol.as_deref().unwrap_or("TCP").to_owned()));
+            continue;
+        }
+        return Ok(Some(DeclaredPort {
+            container,
+            port: index,
+            number: u16::try_from(p.container_port)
+                .map_err(|_| format!("container port {} is out of range", p.container_port))?,
+            name: p.name.as_deref(),
+        }));
+    }
+    match (port, by_name_other_protocol) {
+        (PortRef::Name(name), Some((container, declared))) => Err(format!(
+            "port \"{name}\" of container \"{}\" is {declared}, not {}; write \"{name}{}\"",
+            &*pod.spec.containers[container].name,
+            protocol.kubernetes_name(),
+            if declared == "UDP" { "/udp" } else { "" }
+        )),
+        (PortRef::Name(name), None) => {
+            let names: Vec<&str> = pod
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports())
+                .filter_map(|p| p.name.as_deref())
+                .collect();
+            Err(format!(
+                "no container declares a port named \"{name}\" (declared names: {})",
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        }
+        (PortRef::Number(_), _) => Ok(None),
+    }
+}
+
+/// The name the app's port gets in named mode, freeing its old name for the sidecar.
+/// At most 15 characters (`kips-app-65535u`), as Kubernetes requires.
+pub fn renamed_port_name(app_port: u16, protocol: Protocol) -> String {
+    match protocol {
+        Protocol::Tcp => format!("kips-app-{app_port}"),
+        Protocol::Udp => format!("kips-app-{app_port}u"),
+    }
+}
+
+/// The workload a pod belongs to, which is the default relay name: a Deployment's pods are
+/// owned by `<deployment>-<pod-template-hash>`; other controllers own their pods directly.
+pub fn workload_name(meta: &MetaView) -> Option<String> {
+    let owner = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    if let Some(owner) = owner {
+        if &*owner.kind == "ReplicaSet" {
+            if let Some(hash) = meta.label("pod-template-hash") {
+                if let Some(deployment) = owner
+                    .name
+                    .strip_suffix(hash)
+                    .and_then(|n| n.strip_suffix('-'))
+                {
+                    return Some(deployment.to_owned());
+                }
+            }
+        }
+        return Some(owner.name.to_string());
+    }
+    meta.name
+        .as_deref()
+        .map(str::to_owned)
+        .or_else(|| {
+            meta.generate_name
+                .as_deref()
+                .map(|g| g.trim_end_matches('-').to_owned())
+        })
+        .filter(|n| !n.is_empty())
+}
+
+/// The patch for a fresh injection: parents before children, appends with `/-`.
+fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperation> {
+    let mut ops = Vec::with_capacity(8);
+    if pod.metadata.annotations.is_none() {
+        ops.push(add(
+            pointer(["metadata", "annotations"]),
+            Value::Object(Default::default()),
+        ));
+    }
+    ops.push(add(
+        pointer(["metadata", "annotations", STATUS]),
+        Value::String(status(plan, config).to_json()),
+    ));
+
+    for rename in &plan.renames {
+        let container = rename.container.to_string();
+        let port = rename.port.to_string();
+        ops.push(replace(
+            pointer(["spec", "containers", &container, "ports", &port, "name"]),
+            Value::String(rename.to.clone()),
+        ));
+        // The kubelet resolves a probe's port name within the probe's own container.
+        for (handler_path, handler) in plan_handlers(pod, rename.container) {
+            for (port_path, value) in handler.ports() {
+                if *value == PortValue::Name(rename.from.as_str().into()) {
+                    ops.push(replace(
+                        parse_pointer(&format!(
+                            "/spec/containers/{container}/{handler_path}/{port_path}"
+                        )),
+                        Value::String(rename.to.clone()),
+                    ));
+                }
+            }
+        }
+    }
+
+    let init = (plan.mode == Some(PortMode::Iptables)).then(|| init_container(plan, config));
+    let bridge = bridge_container(plan, config);
+    if init.is_some() || config.native_sidecar {
+        if pod.spec.init_containers.is_none() {
+            ops.push(add(
+                pointer(["spec", "initContainers"]),
+                Value::Array(Vec::new()),
+            ));
+        }
+        if let Some(init) = init {
+            ops.push(add(
+                pointer(["spec", "initContainers", "-"]),
+                to_value(init),
+            ));
+        }
+    }
+    let list = if config.native_sidecar {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    ops.push(add(pointer(["spec", list, "-"]), to_value(bridge)));
+    ops
+}
+
+fn plan_handlers<'p, 'v>(
+    pod: &'p PodView<'v>,
+    container: usize,
+) -> impl Iterator<Item = (&'static str, &'p super::view::HandlerView<'v>)> {
+    pod.spec.containers[container].handlers()
+}
+
+fn to_value(container: Container) -> Value {
+    serde_json::to_value(container).expect("containers serialise")
+}
+
+pub fn port_redirects(plan: &Plan) -> Vec<PortRedirect> {
+    plan.ports
+        .iter()
+        .map(|p| PortRedirect {
+            protocol: p.protocol,
+            app_port: p.app_port,
+            listen_port: p.listen_port,
+        })
+        .collect()
+}
+
+fn status(plan: &Plan, config: &InjectConfig) -> InjectionStatus {
+    let iptables = plan.mode == Some(PortMode::Iptables);
+    let (mut init_containers, mut containers) = (Vec::new(), Vec::new());
+    if iptables {
+        init_containers.push(INIT_CONTAINER.to_owned());
+    }
+    if config.native_sidecar {
+        init_containers.push(BRIDGE_CONTAINER.to_owned());
+    } else {
+        containers.push(BRIDGE_CONTAINER.to_owned());
+    }
+    InjectionStatus {
+        version: VERSION.to_owned(),
+        port_mode: plan.mode.map(|m| m.to_string()),
+        port_mode_requested: plan.mode.map(|_| {
+            plan.annotations
+                .port_mode
+                .unwrap_or(config.default_port_mode)
+                .to_string()
+        }),
+        sidecar: if config.native_sidecar {
+            "native"
+        } else {
+            "container"
+        }
+        .to_owned(),
+        init_containers,
+        containers,
+        redirects: port_redirects(plan)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        reverse: plan
+            .annotations
+            .reverses
+            .iter()
+            .map(|r| r.relay.to_string())
+            .collect(),
+        renamed_ports: plan
+            .renames
+            .iter()
+            .map(|r| RenamedPort {
+                container: r.container_name.clone(),
+                from: r.from.clone(),
+                to: r.to.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, Quantity>> {
+    Some(
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+            .collect(),
+    )
+}
+
+fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
+    let named = plan.mode == Some(PortMode::Named);
+    let ports: Vec<ContainerPort> = plan
+        .ports
+        .iter()
+        .zip(0..)
+        .map(|(p, index)| ContainerPort {
+            // In named mode the sidecar takes over the app port's name, so that a Service
+            // whose targetPort is that name reaches the sidecar.
+            name: Some(if named {
+                plan.renames[index].from.clone()
+            } else {
+                format!("kips-{}", p.listen_port)
+            }),
+            container_port: i32::from(p.listen_port),
+            protocol: Some(p.protocol.kubernetes_name().to_owned()),
+            ..Default::default()
+        })
+        .collect();
+    // azbridge binds its listeners only once the relay answers: until then the pod is not
+    // ready, so a rollout never replaces working pods with ones that cannot carry traffic.
+    let readiness_probe = plan
+        .ports
+        .iter()
+        .find(|p| p.protocol == Protocol::Tcp)
+        .map(|p| Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(p.listen_port)),
+                ..Default::default()
+            }),
+            period_seconds: Some(5),
+            failure_threshold: Some(3),
+            ..Default::default()
+        });
+    Container {
+        name: BRIDGE_CONTAINER.to_owned(),
+        image: Some(config.bridge_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        args: Some(cluster_args(&plan.ports, &plan.annotations.reverses)),
+        env: Some(vec![
+            EnvVar {
+                name: CONNECTION_STRING_ENV.to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: plan.secret.clone(),
+                        key: CONNECTION_STRING_KEY.to_owned(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            // .NET writes diagnostics pipes to /tmp, which is read-only here.
+            EnvVar {
+                name: "DOTNET_EnableDiagnostics".to_owned(),
+                value: Some("0".to_owned()),
+                ..Default::default()
+            },
+        ]),
+        ports: (!ports.is_empty()).then_some(ports),
+        readiness_probe,
+        resources: Some(ResourceRequirements {
+            requests: quantities(&[("cpu", "10m"), ("memory", "64Mi")]),
+            limits: quantities(&[("memory", "256Mi")]),
+            ..Default::default()
+        }),
+        restart_policy: config.native_sidecar.then(|| "Always".to_owned()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn init_container(plan: &Plan, config: &InjectConfig) -> Container {
+    let mut args = vec!["init-net".to_owned()];
+    for redirect in port_redirects(plan) {
+        args.push("--redirect".to_owned());
+        args.push(redirect.to_string());
+    }
+    args.push(format!("--node-ips=$({NODE_IPS_ENV})"));
+    Container {
+        name: INIT_CONTAINER.to_owned(),
+        image: Some(config.init_image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: NODE_IPS_ENV.to_owned(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.hostIPs".to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: quantities(&[("cpu", "10m"), ("memory", "16Mi")]),
+            limits: quantities(&[("memory", "64Mi")]),
+            ..Default::default()
+        }),
+        // Root with exactly the two capabilities nat rules need; iptables takes a lock file
+        // under /run, so the root filesystem stays writable for this short-lived container.
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned(), "NET_RAW".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Removes what kips injected, using `kips.io/status` to undo port renames.
+pub fn strip(pod: &mut Value) {
+    let status: Option<InjectionStatus> = pod
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            STATUS.replace('/', "~1")
+        ))
+        .and_then(Value::as_str)
+        .and_then(|s| serde_json::from_str(s).ok());
+    if let Some(annotations) = pod
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        annotations.remove(STATUS);
+    }
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for list in ["containers", "initContainers"] {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            containers
+                .retain(|c| !matches!(c["name"].as_str(), Some(BRIDGE_CONTAINER | INIT_CONTAINER)));
+        }
+    }
+    if spec
+        .get("initContainers")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+    {
+        spec.remove("initContainers");
+    }
+    let renames = status.map(|s| s.renamed_ports).unwrap_or_default();
+    if renames.is_empty() {
+        return;
+    }
+    for container in spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let name = container["name"].as_str().unwrap_or_default().to_owned();
+        for rename in renames.iter().filter(|r| r.container == name) {
+            restore_port_name(container, &rename.to, &rename.from);
+        }
+    }
+}
+
+/// Renames `to` back to `from` in a container's ports and in the handlers that name it.
+fn restore_port_name(container: &mut Value, to: &str, from: &str) {
+    let is_renamed = |v: &Value| v.as_str() == Some(to);
+    for port in container
+        .get_mut("ports")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if port.get("name").is_some_and(is_renamed) {
+            port["name"] = Value::String(from.to_owned());
+        }
+    }
+    for handler in [
+        "/livenessProbe",
+        "/readinessProbe",
+        "/startupProbe",
+        "/lifecycle/postStart",
+        "/lifecycle/preStop",
+    ] {
+        for action in ["httpGet", "tcpSocket"] {
+            if let Some(port) = container.pointer_mut(&format!("{handler}/{action}/port")) {
+                if is_renamed(port) {
+                    *port = Value::String(from.to_owned());
+                }
+            }
+        }
+    }
+}
+
+/// Strip, render afresh, and diff: the patch takes the pod from what it is to what a single
+/// injection of its stripped form gives, which is nothing when it is already that.
+fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) -> Mutation {
+    let mut desired = current.clone();
+    strip(&mut desired);
+    let stripped = desired.clone();
+    let view = PodView::deserialize_from(&stripped);
+    let mut fresh = mutate_view(&view, config, relay_hint);
+    if let Err(error) = json_patch::patch(&mut desired, &fresh.patch) {
+        // Cannot happen (the patch was rendered from this very object); if it ever does,
+        // the pod is left as it came rather than half-changed.
+        fresh
+            .warnings
+            .push(format!("kips: pod not re-rendered: {error}"));
+        return Mutation {
+            warnings: fresh.warnings,
+            effect: Effect::Skipped,
+            ..Default::default()
+        };
+    }
+    let patch = json_patch::diff(current, &desired).0;
+    let effect = match (patch.is_empty(), fresh.effect) {
+        (true, Effect::Injected) => Effect::Unchanged,
+        (_, effect) => effect,
+    };
+    Mutation {
+        patch,
+        warnings: fresh.warnings,
+        effect,
+        needs: None,
+    }
+}
+
+impl<'a> PodView<'a> {
+    /// A view borrowing from an in-memory JSON value. The value is a pod kips has just
+    /// stripped, so it deserialises whenever the request did.
+    fn deserialize_from(value: &'a Value) -> Self {
+        use serde::Deserialize;
+        PodView::deserialize(value).unwrap_or_default()
+    }
+}

@@ -1,0 +1,48 @@
+//! `kips.io/status`: the record of what kips injected into a pod.
+//!
+//! It makes injection idempotent (a pod that carries it is stripped and re-rendered, never
+//! injected twice) and tells users what happened, including which port mode `auto` chose.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionStatus {
+    /// The kips version that rendered the injection.
+    pub version: String,
+    /// `iptables` or `named`; absent when the pod only has reverse entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode: Option<String>,
+    /// What the annotations asked for (`auto` shows up here while `port_mode` says what it chose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_mode_requested: Option<String>,
+    /// `container` or `native` (an init container with `restartPolicy: Always`).
+    pub sidecar: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub init_containers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
+    /// The redirect table: `<app port>/<proto>=<listen port>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirects: Vec<String>,
+    /// Relays the sidecar listens on for reverse entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reverse: Vec<String>,
+    /// Container ports renamed in `named` mode, restored when the pod is stripped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renamed_ports: Vec<RenamedPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RenamedPort {
+    pub container: String,
+    pub from: String,
+    pub to: String,
+}
+
+impl InjectionStatus {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("status serialises")
+    }
+}

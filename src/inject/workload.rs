@@ -1,0 +1,210 @@
+//! Workload mutation (Deployment, StatefulSet, DaemonSet): validate the kips annotations,
+//! copy them into the pod template so the controller rolls out injected pods, and remove the
+//! copies when the user removes the annotations.
+//!
+//! Annotations a user wrote into the template directly (the GitOps way) belong to the user:
+//! kips validates them but never changes or removes them. `kips.io/copied` on the template
+//! lists the keys kips owns there.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use json_patch::PatchOperation;
+use serde_json::Value;
+
+use super::view::{MetaView, PodView, TemplateView, WorkloadView};
+use super::{Effect, InjectConfig, Mutation, PodNeeds, add, pod, pointer, remove, replace};
+use crate::annotations::{
+    self, COPIED, KipsAnnotations, PREFIX, PortMode, REDIRECT, STATUS, USER_KEYS,
+};
+
+/// A refused admission, with the message the user sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denial(pub String);
+
+const TEMPLATE_PREFIX: &str = "spec.template.metadata.annotations";
+
+pub fn mutate(
+    object_json: &str,
+    config: &InjectConfig,
+) -> Result<Result<Mutation, Denial>, serde_json::Error> {
+    let workload: WorkloadView = serde_json::from_str(object_json)?;
+    Ok(mutate_view(workload, config))
+}
+
+fn kips_pairs<'m>(meta: Option<&'m MetaView>) -> impl Iterator<Item = (&'m str, &'m str)> {
+    meta.into_iter()
+        .flat_map(MetaView::annotation_pairs)
+        .filter(|(k, _)| k.starts_with(PREFIX))
+}
+
+fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation, Denial> {
+    let WorkloadView { metadata, spec } = workload;
+    let TemplateView {
+        metadata: template_meta,
+        spec: template_spec,
+    } = spec.template;
+    let template_meta_exists = template_meta.is_some();
+    let template_annotations_exist = template_meta
+        .as_ref()
+        .is_some_and(|m| m.annotations.is_some());
+    let template_pod = PodView {
+        metadata: template_meta.unwrap_or_default(),
+        spec: template_spec,
+    };
+    let template_meta = Some(&template_pod.metadata);
+
+    let copied: BTreeSet<String> = template_meta
+        .and_then(|m| m.annotation(COPIED))
+        .map(|list| {
+            list.split(',')
+                .map(|short| format!("{PREFIX}{}", short.trim()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let template_current: BTreeMap<&str, &str> = kips_pairs(template_meta).collect();
+    // The user's own template annotations: everything of kips' namespace that kips did not copy.
+    let user_template: Vec<(&str, &str)> = template_current
+        .iter()
+        .filter(|(k, _)| !copied.contains(**k) && **k != COPIED && **k != STATUS)
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    let metadata_kips: Vec<(&str, &str)> = kips_pairs(Some(&metadata)).collect();
+
+    if metadata_kips.is_empty() && copied.is_empty() && user_template.is_empty() {
+        return Ok(Mutation::default());
+    }
+
+    let mut errors = Vec::new();
+    for (key, _) in &metadata_kips {
+        if *key == STATUS || *key == COPIED {
+            errors.push(format!("{key}: kips writes this annotation on pods and pod templates; remove it from the workload's metadata"));
+        }
+    }
+    if let Err(found) = KipsAnnotations::parse(metadata_kips.iter().copied()) {
+        errors.extend(found.iter().map(ToString::to_string));
+    }
+    if let Err(found) = KipsAnnotations::parse(user_template.iter().copied()) {
+        errors.extend(found.iter().map(|e| format!("{TEMPLATE_PREFIX}: {e}")));
+    }
+    if !errors.is_empty() {
+        return Err(Denial(errors.join("; ")));
+    }
+
+    let mut warnings = Vec::new();
+    let mut desired: BTreeMap<&str, String> = BTreeMap::new();
+    for (key, value) in &metadata_kips {
+        if !USER_KEYS.contains(key) {
+            continue;
+        }
+        let value = annotations::normalise(key, value).map_err(|e| Denial(e.to_string()))?;
+        match user_template.iter().find(|(k, _)| k == key) {
+            Some((_, theirs)) if *theirs != value => warnings.push(format!(
+                "kips: {key} is set both on the workload (\"{value}\") and in its pod template (\"{theirs}\"); the template's value is used"
+            )),
+            Some(_) => {}
+            None => {
+                desired.insert(key, value);
+            }
+        }
+    }
+
+    let effective_pairs: Vec<(&str, &str)> = user_template
+        .iter()
+        .copied()
+        .chain(desired.iter().map(|(k, v)| (*k, v.as_str())))
+        .collect();
+    let effective = KipsAnnotations::parse(effective_pairs.iter().copied()).map_err(|found| {
+        Denial(
+            found
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+
+    let name = metadata.name.as_deref().unwrap_or_default();
+    let mut needs = None;
+    if effective.wants_injection() {
+        if template_pod.spec.host_network == Some(true) {
+            return Err(Denial(
+                "kips cannot redirect a workload whose pods use hostNetwork: it never rewrites the node's network or ports".into(),
+            ));
+        }
+        let relay_hint = (!name.is_empty()).then_some(name);
+        let plan = pod::plan(&template_pod, &effective, config, relay_hint).map_err(|reason| {
+            let redirect = effective_pairs
+                .iter()
+                .find(|(k, _)| *k == REDIRECT)
+                .map_or("", |(_, v)| *v);
+            Denial(format!("{REDIRECT}: \"{redirect}\": {reason}"))
+        })?;
+        needs = Some(PodNeeds {
+            relay_secret: plan.secret.clone(),
+            net_admin: plan.mode == Some(PortMode::Iptables),
+        });
+        warnings.extend(plan.warnings);
+    }
+
+    let mut patch: Vec<PatchOperation> = Vec::new();
+    let path = |key: &str| pointer(["spec", "template", "metadata", "annotations", key]);
+    let keys: BTreeSet<&str> = copied
+        .iter()
+        .map(String::as_str)
+        .chain(desired.keys().copied())
+        .collect();
+    for key in keys {
+        match (desired.get(key), template_current.get(key)) {
+            (Some(want), Some(have)) if want == have => {}
+            (Some(want), Some(_)) => patch.push(replace(path(key), Value::String(want.clone()))),
+            (Some(want), None) => patch.push(add(path(key), Value::String(want.clone()))),
+            (None, Some(_)) => patch.push(remove(path(key))),
+            (None, None) => {}
+        }
+    }
+    let marker: Vec<&str> = desired.keys().map(|k| &k[PREFIX.len()..]).collect();
+    let marker = marker.join(",");
+    match (marker.is_empty(), template_current.get(COPIED)) {
+        (true, Some(_)) => patch.push(remove(path(COPIED))),
+        (false, Some(have)) if *have == marker => {}
+        (false, Some(_)) => patch.push(replace(path(COPIED), Value::String(marker))),
+        (false, None) => patch.push(add(path(COPIED), Value::String(marker))),
+        (true, None) => {}
+    }
+    // JSON Patch `add` needs the parent object; when the template has none, add it first.
+    if !template_annotations_exist && !patch.is_empty() {
+        let mut parents = Vec::new();
+        if !template_meta_exists {
+            parents.push(add(
+                pointer(["spec", "template", "metadata"]),
+                Value::Object(Default::default()),
+            ));
+        }
+        parents.push(add(
+            pointer(["spec", "template", "metadata", "annotations"]),
+            Value::Object(Default::default()),
+        ));
+        patch.splice(0..0, parents);
+    }
+
+    let before = KipsAnnotations::parse(
+        template_current
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .filter(|(k, _)| *k != COPIED && *k != STATUS),
+    )
+    .is_ok_and(|a| a.wants_injection());
+    let effect = match (before, effective.wants_injection()) {
+        (false, true) => Effect::RedirectOn,
+        (true, false) => Effect::RedirectOff,
+        (true, true) if !patch.is_empty() => Effect::RedirectChanged,
+        _ => Effect::Unchanged,
+    };
+    Ok(Mutation {
+        patch,
+        warnings,
+        effect,
+        needs,
+    })
+}

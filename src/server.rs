@@ -1,0 +1,293 @@
+//! The HTTPS admission server: axum over rustls, with limits, timeouts and graceful drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use rustls::ServerConfig;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::admission::{self, AdmissionError, Decision, RequestInfo, Reviewed};
+use crate::inject::{Effect, InjectConfig};
+use crate::metrics::Metrics;
+
+/// The API server sends at most 3 MiB; anything larger is not from it.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Cluster lookups around a review (the I/O that the pure core does not do).
+pub trait ClusterHooks: Send + Sync + 'static {
+    /// Warnings that need the cluster (a missing relay Secret, a namespace whose Pod
+    /// Security level forbids iptables mode). Must answer quickly: it delays the response.
+    fn warnings<'a>(
+        &'a self,
+        request: &'a RequestInfo,
+        decision: &'a Decision,
+    ) -> BoxFuture<'a, Vec<String>>;
+    /// Called after the response was written (Events). Must not block.
+    fn reviewed(&self, reviewed: &Reviewed);
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<InjectConfig>,
+    pub metrics: Arc<Metrics>,
+    /// False until a trusted certificate is served, and again while draining.
+    pub ready: Arc<AtomicBool>,
+    pub hooks: Option<Arc<dyn ClusterHooks>>,
+}
+
+impl AppState {
+    pub fn new(config: InjectConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            config: Arc::new(config),
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+            hooks: None,
+        }
+    }
+}
+
+/// Timeouts and limits of the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// A TLS handshake must finish within this.
+    pub handshake_timeout: Duration,
+    /// An HTTP/1 request's headers must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A whole request (body included) must be answered within this.
+    pub request_timeout: Duration,
+    /// How long in-flight requests may take to finish once draining starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+pub fn router(state: AppState, settings: &ServerSettings) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            settings.request_timeout,
+        ))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn mutate(State(state): State<AppState>, request: Request) -> Response {
+    let span = tracing::info_span!(
+        "admission",
+        uid = Empty,
+        kind = Empty,
+        namespace = Empty,
+        name = Empty,
+        operation = Empty,
+        dry_run = Empty,
+    );
+    async move {
+        let reviewed = match read_body(request.into_body()).await {
+            Ok(body) => review(&state, &body).await,
+            Err(error) => {
+                tracing::warn!(error = %error, "unreadable admission request");
+                admission::error_review(error)
+            }
+        };
+        if let Some(hooks) = &state.hooks {
+            hooks.reviewed(&reviewed);
+        }
+        (
+            reviewed.http_status,
+            [(header::CONTENT_TYPE, "application/json")],
+            reviewed.body,
+        )
+            .into_response()
+    }
+    .instrument(span)
+    .await
+}
+
+async fn read_body(body: Body) -> Result<Bytes, AdmissionError> {
+    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(AdmissionError::TooLarge {
+            limit: MAX_BODY_BYTES,
+        }),
+        Err(error) => Err(AdmissionError::Unreadable(format!(
+            "reading the body failed: {error}"
+        ))),
+    }
+}
+
+async fn review(state: &AppState, body: &[u8]) -> Reviewed {
+    let started = Instant::now();
+    let mut decision = admission::decide(body, &state.config);
+    let span = tracing::Span::current();
+    if let Some(request) = &decision.request {
+        span.record("uid", request.uid.as_str());
+        span.record("kind", request.kind.as_str());
+        span.record("namespace", request.namespace.as_str());
+        span.record("name", request.name.as_str());
+        span.record("operation", request.operation.as_str());
+        span.record("dry_run", request.dry_run);
+    }
+    if let (Some(hooks), Some(request)) = (&state.hooks, decision.request.clone()) {
+        let extra = hooks.warnings(&request, &decision).await;
+        if let Ok(mutation) = &mut decision.result {
+            mutation.warnings.extend(extra);
+        }
+    }
+    let reviewed = decision.respond();
+    let (kind, operation) = reviewed
+        .request
+        .as_ref()
+        .map_or(("", ""), |r| (r.kind.as_str(), r.operation.as_str()));
+    state.metrics.observe_review(
+        kind,
+        operation,
+        reviewed.outcome.as_str(),
+        reviewed.effect.as_str(),
+        started.elapsed(),
+    );
+    match (&reviewed.denial, reviewed.effect) {
+        (Some(denial), _) => tracing::info!(denial = %denial, "denied"),
+        (None, Effect::Unchanged) => {
+            tracing::debug!(outcome = reviewed.outcome.as_str(), "reviewed")
+        }
+        (None, effect) => tracing::info!(
+            outcome = reviewed.outcome.as_str(),
+            effect = effect.as_str(),
+            warnings = ?reviewed.warnings,
+            "reviewed"
+        ),
+    }
+    reviewed
+}
+
+/// A bound listener, serving until `shutdown` resolves, then draining.
+pub struct Server {
+    listener: std::net::TcpListener,
+    handle: axum_server::Handle<SocketAddr>,
+}
+
+impl Server {
+    pub fn bind(addr: SocketAddr) -> Result<Self> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            handle: axum_server::Handle::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves HTTPS until `shutdown` resolves; then stops accepting, marks the server not
+    /// ready, and lets in-flight requests finish within the drain timeout.
+    pub async fn serve(
+        self,
+        state: AppState,
+        tls: Arc<ServerConfig>,
+        settings: ServerSettings,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let app = router(state.clone(), &settings);
+        let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
+            .handshake_timeout(settings.handshake_timeout);
+        let mut server = axum_server::from_tcp(self.listener)?
+            .acceptor(acceptor)
+            .handle(self.handle.clone());
+        server
+            .http_builder()
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout);
+        server
+            .http_builder()
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30));
+        let handle = self.handle.clone();
+        let drain = settings.drain_timeout;
+        tokio::spawn(async move {
+            shutdown.await;
+            state.ready.store(false, Ordering::Release);
+            tracing::info!(connections = handle.connection_count(), "draining");
+            handle.graceful_shutdown(Some(drain));
+        });
+        server
+            .serve(app.into_make_service())
+            .await
+            .context("serving HTTPS")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C, after `delay` (time for endpoints to drop this pod).
+pub async fn shutdown_signal(ready: Arc<AtomicBool>, delay: Duration) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    ready.store(false, Ordering::Release);
+    if !delay.is_zero() {
+        tracing::info!(delay = ?delay, "shutting down: not ready, waiting before draining");
+        tokio::time::sleep(delay).await;
+    }
+}

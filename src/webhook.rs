@@ -1,0 +1,70 @@
+//! `kips webhook`: certificates, state and server put together.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cli::WebhookArgs;
+use crate::metrics::Metrics;
+use crate::server::{AppState, Server, ServerSettings, shutdown_signal};
+use crate::tls::{self, CertFiles, CertStore};
+
+/// Lifetime of the embedded default's certificates: they live as long as the process.
+const EMBEDDED_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub async fn run(args: WebhookArgs) -> Result<()> {
+    let started = Instant::now();
+    let config = args.inject.config()?;
+    let metrics = Arc::new(Metrics::new());
+
+    let store = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            let store = CertStore::new(files.read()?, metrics.clone())
+                .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+            files.watch(store.clone(), args.tls_poll_interval)?;
+            tracing::info!(cert = %cert.display(), "serving the given certificate; reloading it when it changes");
+            store
+        }
+        _ => {
+            let pair = embedded_pair(&args)?;
+            CertStore::new(pair, metrics.clone())?
+        }
+    };
+
+    let mut state = AppState::new(config, metrics);
+    state.hooks = None;
+    let server = Server::bind(args.listen)?;
+    let addr = server.local_addr()?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, startup_ms = started.elapsed().as_millis() as u64, "kips webhook serving HTTPS");
+
+    let settings = ServerSettings {
+        request_timeout: args.request_timeout,
+        drain_timeout: args.drain_timeout,
+        ..ServerSettings::default()
+    };
+    let shutdown = shutdown_signal(state.ready.clone(), args.shutdown_delay);
+    server
+        .serve(state, tls::server_config(store)?, settings, shutdown)
+        .await
+}
+
+/// The embedded default: a fresh CA and serving certificate, the CA written for clients.
+fn embedded_pair(args: &WebhookArgs) -> Result<tls::PemPair> {
+    let mut names = args.sans.clone();
+    if let (Some(service), Some(namespace)) = (&args.service_name, &args.namespace) {
+        names.extend(tls::service_names(service, namespace));
+    }
+    let ca = tls::generate_ca("kips embedded CA", EMBEDDED_VALIDITY)?;
+    let pair = tls::issue_serving_cert(&ca, &tls::local_names(&names), EMBEDDED_VALIDITY)?;
+    let ca_path = args.certs_dir.join("ca.crt");
+    tls::write_atomically(&ca_path, &ca.cert)?;
+    tracing::info!(ca = %ca_path.display(), "generated a self-signed CA and serving certificate");
+    Ok(pair)
+}

@@ -215,11 +215,7 @@ pub struct Reverse {
 
 impl fmt::Display for Reverse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "{}=[{}]:{}", self.relay, self.host, self.port)
-        } else {
-            write!(f, "{}={}:{}", self.relay, self.host, self.port)
-        }
+        write!(f, "{}={}:{}", self.relay, self.host, self.port)
     }
 }
 
@@ -300,10 +296,10 @@ impl KipsAnnotations {
                 errors.push(error);
             }
         }
-        if errors.is_empty() {
-            if let Err(error) = parsed.check_relays_are_one_way() {
-                errors.push(error);
-            }
+        if errors.is_empty()
+            && let Err(error) = parsed.check_relays_are_one_way()
+        {
+            errors.push(error);
         }
         if errors.is_empty() {
             Ok(parsed)
@@ -489,26 +485,21 @@ pub fn parse_reverses(value: &str) -> Result<Vec<Reverse>, AnnotationError> {
     Ok(reverses)
 }
 
-/// `host:port` or `[v6]:port`.
+/// `host:port`; an IPv6 literal (bracketed or not) is reported by [`check_host`].
 fn split_host_port(address: &str) -> Option<(&str, &str)> {
-    if let Some(rest) = address.strip_prefix('[') {
-        let (host, port) = rest.split_once("]:")?;
-        return Some((host, port));
-    }
-    let (host, port) = address.rsplit_once(':')?;
-    (!host.contains(':')).then_some((host, port))
+    address.rsplit_once(':')
 }
 
-/// A DNS name (RFC 1123 subdomain), an IPv4 address or an IPv6 address.
+/// A DNS name (RFC 1123 subdomain) or an IPv4 address. azbridge splits each `-T` binding on
+/// `:`, so an IPv6 literal can never reach it intact.
 fn check_host(host: &str) -> Result<(), String> {
     if host.is_empty() {
         return Err("host is empty".into());
     }
-    if host.contains(':') {
-        return host
-            .parse::<std::net::Ipv6Addr>()
-            .map(|_| ())
-            .map_err(|_| format!("host \"{host}\" is not an IPv6 address"));
+    if host.contains(':') || host.starts_with('[') {
+        return Err(format!(
+            "host \"{host}\" is an IPv6 address, which azbridge cannot forward to; use a DNS name"
+        ));
     }
     if host.parse::<Ipv4Addr>().is_ok() || is_dns_subdomain(&host.to_ascii_lowercase()) {
         Ok(())
@@ -585,6 +576,13 @@ mod tests {
         assert!(message(REVERSE, "db=pg").contains("\"pg\" is not <host>:<port>"));
         assert!(message(REVERSE, "db=pg:http").contains("is not a number 1-65535"));
         assert!(message(REVERSE, "db=pg_x:5432").contains("not a DNS name"));
+        for v6 in ["db=[fd00::1]:5432", "db=fd00::1:5432"] {
+            assert!(
+                message(REVERSE, v6)
+                    .contains("is an IPv6 address, which azbridge cannot forward to"),
+                "{v6}"
+            );
+        }
         assert!(message(REVERSE, "db=a:1,db=b:2").contains("appears twice"));
         assert!(message(RELAY_SECRET, "Bad_Name").contains("not a valid Secret name"));
         assert_eq!(
@@ -634,10 +632,7 @@ mod tests {
     fn parses_every_form() {
         let parsed = KipsAnnotations::parse([
             (REDIRECT, " api:8080 , 9090/UDP, api:http/tcp "),
-            (
-                REVERSE,
-                "db=Postgres.default.svc:5432,cache=[fd00::1]:6379,ip=10.0.0.1:80",
-            ),
+            (REVERSE, "db=Postgres.default.svc:5432,ip=10.0.0.1:80"),
             (RELAY_SECRET, "my-relay"),
             (PORT_MODE, "named"),
         ])
@@ -650,7 +645,7 @@ mod tests {
         assert_eq!(rendered[REDIRECT], "api:8080,9090/udp,api:http");
         assert_eq!(
             rendered[REVERSE],
-            "db=postgres.default.svc:5432,cache=[fd00::1]:6379,ip=10.0.0.1:80"
+            "db=postgres.default.svc:5432,ip=10.0.0.1:80"
         );
         assert_eq!(rendered[PORT_MODE], "named");
     }

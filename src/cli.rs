@@ -127,6 +127,12 @@ pub struct WebhookArgs {
     /// How often certificate files are re-read even without a change notification.
     #[arg(long, env = "KIPS_TLS_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_poll_interval: Duration,
+    /// A client must finish the TLS handshake within this.
+    #[arg(long, env = "KIPS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// An HTTP/1 client must send its request headers within this.
+    #[arg(long, env = "KIPS_HEADER_READ_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
     /// A request must be answered within this (the API server waits at most 30s).
     #[arg(long, env = "KIPS_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

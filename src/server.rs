@@ -130,7 +130,19 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
         dry_run = Empty,
     );
     async move {
-        let reviewed = match read_body(request.into_body()).await {
+        // A declared length over the limit is refused before a byte of the body is read.
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let body = match declared {
+            Some(length) if length > MAX_BODY_BYTES => Err(AdmissionError::TooLarge {
+                limit: MAX_BODY_BYTES,
+            }),
+            _ => read_body(request.into_body()).await,
+        };
+        let reviewed = match body {
             Ok(body) => review(&state, &body).await,
             Err(error) => {
                 tracing::warn!(error = %error, "unreadable admission request");
@@ -229,8 +241,9 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves HTTPS until `shutdown` resolves; then stops accepting, marks the server not
-    /// ready, and lets in-flight requests finish within the drain timeout.
+    /// Serves kips' admission router over HTTPS until `shutdown` resolves; then stops
+    /// accepting, marks the server not ready, and lets in-flight requests finish within the
+    /// drain timeout.
     pub async fn serve(
         self,
         state: AppState,
@@ -239,6 +252,23 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let app = router(state.clone(), &settings);
+        let ready = state.ready.clone();
+        self.serve_router(app, tls, settings, async move {
+            shutdown.await;
+            ready.store(false, Ordering::Release);
+        })
+        .await
+    }
+
+    /// Serves any router on kips' HTTPS stack (TLS, HTTP/1 and HTTP/2 settings, timeouts,
+    /// drain). The benchmarks' ceiling server uses it to differ from kips only in the handler.
+    pub async fn serve_router(
+        self,
+        app: Router,
+        tls: Arc<ServerConfig>,
+        settings: ServerSettings,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
             .handshake_timeout(settings.handshake_timeout);
         let mut server = axum_server::from_tcp(self.listener)?
@@ -258,7 +288,6 @@ impl Server {
         let drain = settings.drain_timeout;
         tokio::spawn(async move {
             shutdown.await;
-            state.ready.store(false, Ordering::Release);
             tracing::info!(connections = handle.connection_count(), "draining");
             handle.graceful_shutdown(Some(drain));
         });
@@ -271,8 +300,8 @@ impl Server {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C, after `delay` (time for endpoints to drop this pod).
-pub async fn shutdown_signal(ready: Arc<AtomicBool>, delay: Duration) {
+/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
+pub async fn termination_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -284,10 +313,5 @@ pub async fn shutdown_signal(ready: Arc<AtomicBool>, delay: Duration) {
     tokio::select! {
         _ = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
-    }
-    ready.store(false, Ordering::Release);
-    if !delay.is_zero() {
-        tracing::info!(delay = ?delay, "shutting down: not ready, waiting before draining");
-        tokio::time::sleep(delay).await;
     }
 }

@@ -45,9 +45,10 @@ pub async fn run(args: WebhookArgs) -> Result<()> {
     tracing::info!(%addr, startup_ms = started.elapsed().as_millis() as u64, "kips webhook serving HTTPS");
 
     let settings = ServerSettings {
+        handshake_timeout: args.handshake_timeout,
+        header_read_timeout: args.header_read_timeout,
         request_timeout: args.request_timeout,
         drain_timeout: args.drain_timeout,
-        ..ServerSettings::default()
     };
     let shutdown = shutdown_signal(state.ready.clone(), args.shutdown_delay);
     server

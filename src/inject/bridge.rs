@@ -82,8 +82,62 @@ pub fn cluster_args(ports: &[BridgedPort], reverses: &[Reverse]) -> Vec<String> 
             "{}:{}/{}:{}",
             reverse.relay,
             reverse_binding_name(reverse),
-            host_for_azbridge(&reverse.host),
+            reverse.host,
             reverse.port
+        ));
+    }
+    args
+}
+
+/// A redirect as the laptop serves it: traffic arriving on `relay` for the binding of
+/// `port`/`protocol` goes to `localhost:<local_port>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPort {
+    pub relay: RelayName,
+    /// The port as the annotation names it (the binding name derives from it).
+    pub port: PortRef,
+    pub protocol: Protocol,
+    pub local_port: u16,
+}
+
+/// A reverse entry as the laptop serves it: azbridge listens on `address:<reverse.port>`
+/// and sends what arrives through `reverse.relay` to the sidecar's `-T`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReverse {
+    pub reverse: Reverse,
+    pub address: std::net::Ipv4Addr,
+}
+
+/// The laptop's arguments (without `-x`): the mirror image of [`cluster_args`].
+///
+/// - per redirect relay, one `-T <relay>:<name>/localhost:<port>[;...]` (azbridge takes
+///   several bindings of one relay in one expression); the names meet the sidecar's `-L`.
+/// - per reverse entry, one `-L <address>:<port>/<name>:<relay>` on its own loopback
+///   address; the name meets the sidecar's `-T`.
+pub fn laptop_args(ports: &[LocalPort], reverses: &[LocalReverse]) -> Vec<String> {
+    let mut args = Vec::new();
+    for (relay, members) in group_by_relay(ports, |p| &p.relay) {
+        let bindings: Vec<String> = members
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}/localhost:{}",
+                    binding_name(&p.port, p.protocol),
+                    port_spec(p.local_port, p.protocol)
+                )
+            })
+            .collect();
+        args.push("-T".into());
+        args.push(format!("{relay}:{}", bindings.join(";")));
+    }
+    for local in reverses {
+        args.push("-L".into());
+        args.push(format!(
+            "{}:{}/{}:{}",
+            local.address,
+            local.reverse.port,
+            reverse_binding_name(&local.reverse),
+            local.reverse.relay
         ));
     }
     args
@@ -93,21 +147,94 @@ pub fn reverse_binding_name(reverse: &Reverse) -> String {
     binding_name(&PortRef::Number(reverse.port), Protocol::Tcp)
 }
 
-/// IPv6 literals are bracketed so that the `:` before the port stays unambiguous.
-pub fn host_for_azbridge(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn relay(name: &str) -> RelayName {
         RelayName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn laptop_args_mirror_the_sidecar() {
+        let ports = [
+            LocalPort {
+                relay: relay("api"),
+                port: PortRef::Number(8080),
+                protocol: Protocol::Tcp,
+                local_port: 8080,
+            },
+            LocalPort {
+                relay: relay("dns"),
+                port: PortRef::Name("dns".into()),
+                protocol: Protocol::Udp,
+                local_port: 5353,
+            },
+            LocalPort {
+                relay: relay("api"),
+                port: PortRef::Name("grpc".into()),
+                protocol: Protocol::Tcp,
+                local_port: 9090,
+            },
+        ];
+        let reverses = [LocalReverse {
+            reverse: Reverse {
+                relay: relay("db"),
+                host: "postgres.data.svc".into(),
+                port: 5432,
+            },
+            address: "127.77.0.1".parse().unwrap(),
+        }];
+        assert_eq!(
+            laptop_args(&ports, &reverses),
+            [
+                "-T",
+                "api:port8080/localhost:8080;grpc/localhost:9090",
+                "-T",
+                "dns:dns-udp/localhost:5353U",
+                "-L",
+                "127.77.0.1:5432/port5432:db",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_laptop_binding_meets_a_sidecar_binding() {
+        // The sidecar's -L names (and the laptop's -T names) come from the same function.
+        let cluster = cluster_args(
+            &[BridgedPort {
+                relay: relay("api"),
+                port: PortRef::Name("http".into()),
+                protocol: Protocol::Tcp,
+                app_port: 8080,
+                listen_port: 15100,
+            }],
+            &[Reverse {
+                relay: relay("db"),
+                host: "pg".into(),
+                port: 5432,
+            }],
+        );
+        let laptop = laptop_args(
+            &[LocalPort {
+                relay: relay("api"),
+                port: PortRef::Name("http".into()),
+                protocol: Protocol::Tcp,
+                local_port: 3000,
+            }],
+            &[LocalReverse {
+                reverse: Reverse {
+                    relay: relay("db"),
+                    host: "pg".into(),
+                    port: 5432,
+                },
+                address: "127.77.0.2".parse().unwrap(),
+            }],
+        );
+        assert_eq!(cluster[3], "0.0.0.0:15100/http:api");
+        assert_eq!(laptop[1], "api:http/localhost:3000");
+        assert_eq!(cluster[5], "db:port5432/pg:5432");
+        assert_eq!(laptop[3], "127.77.0.2:5432/port5432:db");
     }
 
     #[test]
@@ -142,8 +269,8 @@ mod tests {
                 port: 5432,
             },
             Reverse {
-                relay: relay("v6"),
-                host: "fd00::1".into(),
+                relay: relay("web"),
+                host: "10.0.0.7".into(),
                 port: 80,
             },
         ];
@@ -159,7 +286,7 @@ mod tests {
                 "-T",
                 "db:port5432/postgres.data.svc:5432",
                 "-T",
-                "v6:port80/[fd00::1]:80",
+                "web:port80/10.0.0.7:80",
             ]
         );
     }

@@ -208,3 +208,232 @@ fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation
         needs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use serde_json::json;
+
+    fn deployment(annotations: Value, template_annotations: Option<Value>) -> Value {
+        let mut template_meta = json!({"labels": {"app": "api"}});
+        if let Some(t) = template_annotations {
+            template_meta["annotations"] = t;
+        }
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "shop", "annotations": annotations},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "api"}},
+                "template": {
+                    "metadata": template_meta,
+                    "spec": {"containers": [{"name": "app", "image": "api:1",
+                        "ports": [{"name": "http", "containerPort": 8080}]}]}
+                }
+            }
+        })
+    }
+
+    fn admit(object: &Value) -> Result<Mutation, Denial> {
+        mutate(&object.to_string(), &InjectConfig::default()).unwrap()
+    }
+
+    fn apply(object: &Value, mutation: &Mutation) -> Value {
+        let mut patched = object.clone();
+        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        serde_json::from_value::<Deployment>(patched.clone()).expect("a valid Deployment");
+        patched
+    }
+
+    fn template_annotations(object: &Value) -> &Value {
+        &object["spec"]["template"]["metadata"]["annotations"]
+    }
+
+    #[test]
+    fn valid_annotations_are_copied_normalised_and_marked() {
+        let object = deployment(
+            json!({"kips.io/redirect": " api:8080 ", "kips.io/port-mode": "iptables", "team": "a"}),
+            None,
+        );
+        let mutation = admit(&object).unwrap();
+        assert_eq!(mutation.effect, Effect::RedirectOn);
+        assert_eq!(
+            mutation.needs,
+            Some(PodNeeds {
+                relay_secret: "kips-relay".into(),
+                net_admin: true
+            })
+        );
+        let patched = apply(&object, &mutation);
+        assert_eq!(
+            template_annotations(&patched),
+            &json!({"kips.io/port-mode": "iptables", "kips.io/redirect": "api:8080", "kips.io/copied": "port-mode,redirect"})
+        );
+        let again = admit(&patched).unwrap();
+        assert!(again.patch.is_empty(), "{:?}", again.patch);
+        assert_eq!(again.effect, Effect::Unchanged);
+    }
+
+    #[test]
+    fn removing_the_annotation_removes_only_the_copies() {
+        let object = deployment(
+            json!({"kips.io/redirect": "api:8080"}),
+            Some(json!({"kips.io/relay-secret": "mine", "sidecar.example/x": "1"})),
+        );
+        let copied = apply(&object, &admit(&object).unwrap());
+        assert_eq!(template_annotations(&copied)["kips.io/copied"], "redirect");
+
+        let mut removed = copied.clone();
+        removed["metadata"]["annotations"] = json!({});
+        let mutation = admit(&removed).unwrap();
+        assert_eq!(mutation.effect, Effect::RedirectOff);
+        assert!(
+            mutation
+                .patch
+                .iter()
+                .all(|op| matches!(op, PatchOperation::Remove(_)))
+        );
+        let reverted = apply(&removed, &mutation);
+        assert_eq!(
+            template_annotations(&reverted),
+            &json!({"kips.io/relay-secret": "mine", "sidecar.example/x": "1"})
+        );
+        assert!(admit(&reverted).unwrap().patch.is_empty());
+    }
+
+    #[test]
+    fn changing_the_annotation_replaces_the_copy() {
+        let object = deployment(json!({"kips.io/redirect": "api:8080"}), None);
+        let mut copied = apply(&object, &admit(&object).unwrap());
+        copied["metadata"]["annotations"]["kips.io/redirect"] = json!("web:8080");
+        let mutation = admit(&copied).unwrap();
+        assert_eq!(mutation.effect, Effect::RedirectChanged);
+        assert_eq!(
+            mutation.patch,
+            vec![replace(
+                pointer([
+                    "spec",
+                    "template",
+                    "metadata",
+                    "annotations",
+                    "kips.io/redirect"
+                ]),
+                json!("web:8080")
+            )]
+        );
+    }
+
+    #[test]
+    fn template_annotations_belong_to_the_user() {
+        // The GitOps way: written directly into the template, never touched by kips.
+        let object = deployment(json!({}), Some(json!({"kips.io/redirect": "api:http"})));
+        let mutation = admit(&object).unwrap();
+        assert!(mutation.patch.is_empty());
+        assert_eq!(mutation.effect, Effect::Unchanged);
+        assert!(mutation.needs.is_some());
+
+        let both = deployment(
+            json!({"kips.io/redirect": "api:8080"}),
+            Some(json!({"kips.io/redirect": "api:http"})),
+        );
+        let mutation = admit(&both).unwrap();
+        assert!(mutation.patch.is_empty());
+        assert!(mutation.warnings[0].contains("the template's value is used"));
+    }
+
+    #[test]
+    fn invalid_annotations_are_denied_with_a_precise_message() {
+        for (value, part) in [
+            (
+                "api:80x0",
+                "port \"80x0\" is not a number 1-65535 or a port name",
+            ),
+            (":8080", "relay name is empty"),
+            ("api:70000", "port \"70000\""),
+        ] {
+            let denial = admit(&deployment(json!({"kips.io/redirect": value}), None)).unwrap_err();
+            assert!(
+                denial
+                    .0
+                    .starts_with(&format!("kips.io/redirect: \"{value}\": ")),
+                "{}",
+                denial.0
+            );
+            assert!(denial.0.contains(part), "{}", denial.0);
+            assert!(
+                denial
+                    .0
+                    .contains("(expected <relay>:<port>[/udp][,...] or <port>)"),
+                "{}",
+                denial.0
+            );
+        }
+        let denial = admit(&deployment(
+            json!({}),
+            Some(json!({"kips.io/port-mode": "nat"})),
+        ))
+        .unwrap_err();
+        assert!(
+            denial
+                .0
+                .starts_with("spec.template.metadata.annotations: kips.io/port-mode: \"nat\""),
+            "{}",
+            denial.0
+        );
+        let denial = admit(&deployment(json!({"kips.io/redirect": "api:grpc"}), None)).unwrap_err();
+        assert_eq!(
+            denial.0,
+            "kips.io/redirect: \"api:grpc\": no container declares a port named \"grpc\" (declared names: http)"
+        );
+        let denial = admit(&deployment(json!({"kips.io/status": "{}"}), None)).unwrap_err();
+        assert!(denial.0.contains("remove it from the workload's metadata"));
+        let denial = admit(&deployment(json!({"kips.io/redirct": "api:8080"}), None)).unwrap_err();
+        assert!(denial.0.contains("did you mean kips.io/redirect?"));
+    }
+
+    #[test]
+    fn host_network_workloads_are_denied() {
+        let mut object = deployment(json!({"kips.io/redirect": "8080"}), None);
+        object["spec"]["template"]["spec"]["hostNetwork"] = json!(true);
+        assert!(admit(&object).unwrap_err().0.contains("hostNetwork"));
+    }
+
+    #[test]
+    fn workloads_without_kips_annotations_are_untouched() {
+        let object = deployment(json!({"team": "a"}), Some(json!({"b": "c"})));
+        assert_eq!(admit(&object).unwrap(), Mutation::default());
+        let mut bare = deployment(json!({}), None);
+        bare["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations");
+        bare["spec"]["template"]
+            .as_object_mut()
+            .unwrap()
+            .remove("metadata");
+        assert_eq!(admit(&bare).unwrap(), Mutation::default());
+    }
+
+    #[test]
+    fn missing_template_metadata_is_created_before_the_copy() {
+        let mut object = deployment(json!({"kips.io/redirect": "8080"}), None);
+        object["spec"]["template"]
+            .as_object_mut()
+            .unwrap()
+            .remove("metadata");
+        let mutation = admit(&object).unwrap();
+        assert_eq!(
+            mutation.patch[0],
+            add(pointer(["spec", "template", "metadata"]), json!({}))
+        );
+        assert_eq!(
+            mutation.patch[1],
+            add(
+                pointer(["spec", "template", "metadata", "annotations"]),
+                json!({})
+            )
+        );
+        apply(&object, &mutation);
+    }
+}

@@ -11,6 +11,7 @@ pub mod inject;
 pub const AZBRIDGE_VERSION: &str = "0.16.1";
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod dev;
 pub mod initnet;
 pub mod manifest;

@@ -1,0 +1,422 @@
+//! `kips connect`: run azbridge on the developer's machine, the mirror image of the sidecar,
+//! and put the machine back as it was when it ends (Ctrl-C, SIGTERM, SIGHUP, or azbridge's
+//! own exit).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::Secret;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::ConnectArgs;
+use super::hosts::{self, HostsFile};
+use super::laptop::{self, LaptopPlan, Printable};
+use super::workload::{self, Object};
+use crate::annotations::STATUS;
+use crate::inject::bridge::CONNECTION_STRING_ENV;
+use crate::inject::status::InjectionStatus;
+use crate::inject::{CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
+
+/// How long azbridge gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(args: ConnectArgs) -> Result<()> {
+    let (object, namespace, kube) = load(&args).await?;
+    let target = object.reference();
+    let kips = object.kips().map_err(|e| anyhow!("{target}: {e}"))?;
+    if !kips.wants_injection() {
+        bail!(
+            "{target} in namespace {namespace} has no kips annotations (kips.io/redirect or kips.io/reverse): there is nothing to connect. Redirect it first: kips redirect {target} <relay>:<port> -n {namespace}"
+        );
+    }
+    let template_status: Option<InjectionStatus> = object
+        .template_annotations()
+        .get(STATUS)
+        .and_then(|s| serde_json::from_str(s).ok());
+    let hosts_file = HostsFile::new(&args.hosts_file);
+    let needs_hosts = !kips.reverses.is_empty();
+    let plan_with = |taken: &BTreeSet<Ipv4Addr>| -> Result<LaptopPlan> {
+        laptop::plan(
+            object.name(),
+            &kips,
+            object.pod_spec(),
+            template_status.as_ref(),
+            &args.port_map,
+            taken,
+        )
+        .map_err(|e| anyhow!("{target}: {e}"))
+    };
+    // Fail on a bad --port-map or an unresolvable port before touching anything.
+    plan_with(&BTreeSet::new())?;
+    let label = format!("{namespace}/{target}");
+
+    if args.print {
+        let taken = if needs_hosts {
+            hosts_file
+                .read()
+                .map(|c| hosts::taken_addresses(&c))
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
+        let plan = plan_with(&taken)?;
+        print_plan(&args, &label, &plan);
+        return Ok(());
+    }
+
+    let connection_string = connection_string(&args, &object, kube.as_ref(), &namespace).await?;
+    let program = find_azbridge(args.azbridge.as_deref())?;
+
+    // Signals are caught from here on, so that nothing below can be interrupted half-done.
+    let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("catching SIGHUP")?;
+
+    let run_id = format!("{:x}{:x}", std::process::id(), nanos());
+    let mut guard = HostsGuard::default();
+    let plan = if needs_hosts {
+        let (plan, removed) = hosts_file.edit(|content| {
+            // Blocks of runs that died without cleaning up (SIGKILL, power loss) go first.
+            let mut content = content.to_owned();
+            let mut removed = Vec::new();
+            for block in hosts::blocks(&content) {
+                if !hosts::process_alive(block.pid)
+                    && let Some(cleaned) = hosts::remove_block(&content, &block.id)
+                {
+                    content = cleaned;
+                    removed.push(block.label.clone());
+                }
+            }
+            let plan = plan_with(&hosts::taken_addresses(&content))?;
+            let updated = hosts::add_block(
+                &content,
+                &label,
+                &run_id,
+                std::process::id(),
+                &plan.hosts_entries(),
+            );
+            Ok((updated, (plan, removed)))
+        })?;
+        for stale in removed {
+            eprintln!(
+                "kips connect: removed a stale hosts-file block of {stale} (its process is gone)"
+            );
+        }
+        guard = HostsGuard {
+            file: Some(hosts_file.clone()),
+            id: run_id.clone(),
+        };
+        plan
+    } else {
+        plan_with(&BTreeSet::new())?
+    };
+
+    let mut azbridge_args = vec!["-x".to_owned(), connection_string];
+    azbridge_args.extend(plan.args());
+    println!(
+        "kips connect {label}: starting {}",
+        Printable {
+            program: &program.to_string_lossy(),
+            args: &azbridge_args
+        }
+    );
+    for line in plan.describe() {
+        println!("  {line}");
+    }
+    if needs_hosts {
+        println!(
+            "  hosts file: {} (restored when kips connect ends)",
+            args.hosts_file.display()
+        );
+        #[cfg(target_os = "macos")]
+        for entry in plan.hosts_entries() {
+            println!(
+                "  macOS: the loopback alias must exist: sudo ifconfig lo0 alias {} up",
+                entry.address
+            );
+        }
+    }
+
+    let mut child = match spawn(&program, &azbridge_args) {
+        Ok(child) => child,
+        Err(error) => {
+            guard.restore();
+            return Err(error);
+        }
+    };
+    let outcome = tokio::select! {
+        status = child.wait() => Outcome::Exited(status),
+        _ = interrupt.recv() => Outcome::Signal("SIGINT"),
+        _ = terminate.recv() => Outcome::Signal("SIGTERM"),
+        _ = hangup.recv() => Outcome::Signal("SIGHUP"),
+    };
+    let code = match outcome {
+        Outcome::Signal(name) => {
+            eprintln!("kips connect: {name}: stopping azbridge");
+            stop(&mut child).await;
+            0
+        }
+        Outcome::Exited(status) => {
+            let status = status.context("waiting for azbridge")?;
+            let code = exit_code(status);
+            eprintln!("kips connect: azbridge exited ({status}); stopping");
+            code
+        }
+    };
+    guard.restore();
+    if code != 0 {
+        // azbridge's status is ours; everything is cleaned up by now.
+        std::process::exit(code);
+    }
+    Ok(())
+}
+
+enum Outcome {
+    Exited(std::io::Result<ExitStatus>),
+    Signal(&'static str),
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// Loads the workload from a manifest or the cluster; the client is kept for the Secret.
+async fn load(args: &ConnectArgs) -> Result<(Object, String, Option<super::kube::Kube>)> {
+    if let Some(file) = &args.file {
+        let text = if file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading the manifest from stdin")?
+        } else {
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading the manifest {}", file.display()))?
+        };
+        let object = workload::from_manifest(&text, &args.workload, &file.display().to_string())?;
+        let namespace = args
+            .kube
+            .namespace
+            .clone()
+            .or_else(|| object.namespace().map(str::to_owned))
+            .unwrap_or_else(|| "default".to_owned());
+        let kube = if args.connection_string_from_secret.is_some() && !args.print {
+            Some(args.kube.connect().await?)
+        } else {
+            None
+        };
+        return Ok((object, namespace, kube));
+    }
+    let kube = args.kube.connect().await?;
+    let object = super::fetch(&kube, &args.workload).await?;
+    Ok((object, kube.namespace.clone(), Some(kube)))
+}
+
+/// `$KIPS_RELAY_CONNECTION_STRING`, or the Secret with `--connection-string-from-secret`.
+async fn connection_string(
+    args: &ConnectArgs,
+    object: &Object,
+    kube: Option<&super::kube::Kube>,
+    namespace: &str,
+) -> Result<String> {
+    if let Some(name) = &args.connection_string_from_secret {
+        let name = if name.is_empty() {
+            object
+                .kips()
+                .ok()
+                .and_then(|k| k.relay_secret)
+                .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned())
+        } else {
+            name.clone()
+        };
+        let kube =
+            kube.ok_or_else(|| anyhow!("--connection-string-from-secret needs the cluster"))?;
+        let secret = kube::Api::<Secret>::namespaced(kube.client.clone(), namespace)
+            .get(&name)
+            .await
+            .map_err(|e| kube.explain(e, &format!("Secret {name}")))?;
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CONNECTION_STRING_KEY))
+            .map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(CONNECTION_STRING_KEY))
+                    .cloned()
+            })
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                anyhow!("Secret {name} in namespace {namespace} has no key {CONNECTION_STRING_KEY}")
+            })?;
+        return Ok(value);
+    }
+    match std::env::var(CONNECTION_STRING_ENV) {
+        Ok(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
+        _ => bail!(
+            "no relay connection string: set {CONNECTION_STRING_ENV}, or pass --connection-string-from-secret (reads key {CONNECTION_STRING_KEY} of the workload's relay Secret, default {DEFAULT_RELAY_SECRET}) or --connection-string-from-secret=NAME"
+        ),
+    }
+}
+
+fn install_hint() -> String {
+    let version = crate::AZBRIDGE_VERSION;
+    let rid = match (std::env::consts::OS, std::env::consts::ARCH) {
+        ("macos", "aarch64") => "osx-arm64",
+        ("macos", _) => "osx-x64",
+        (_, "aarch64") => "linux-arm64",
+        _ => "linux-x64",
+    };
+    format!(
+        "azbridge (Azure Relay Bridge) is not installed: it was not found on PATH. Download a release from https://github.com/Azure/azure-relay-bridge/releases, e.g. https://github.com/Azure/azure-relay-bridge/releases/download/v{version}/azbridge.{version}-rel.{rid}.tar.gz (or the .deb/.rpm package), unpack it, and put azbridge on PATH or pass --azbridge PATH"
+    )
+}
+
+/// `--azbridge PATH`, else `azbridge` on PATH.
+fn find_azbridge(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = given {
+        if is_executable(path) {
+            return Ok(path.to_owned());
+        }
+        if path.components().count() == 1
+            && let Some(found) = search_path(path.as_os_str())
+        {
+            return Ok(found);
+        }
+        bail!(
+            "--azbridge {}: no such executable. {}",
+            path.display(),
+            install_hint()
+        );
+    }
+    search_path(&OsString::from("azbridge")).ok_or_else(|| anyhow!("{}", install_hint()))
+}
+
+fn search_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn spawn(program: &Path, args: &[String]) -> Result<Child> {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    unsafe {
+        // If kips itself is killed (SIGKILL), azbridge goes too.
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    command
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+/// SIGTERM, then SIGKILL after the grace period.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+        eprintln!("kips connect: azbridge did not stop within {STOP_GRACE:?}; killing it");
+    }
+    let _ = child.kill().await;
+}
+
+/// Removes this run's hosts-file block exactly once: on the normal path, and from `Drop`
+/// on every other (an error, a panic).
+#[derive(Default)]
+struct HostsGuard {
+    file: Option<HostsFile>,
+    id: String,
+}
+
+impl HostsGuard {
+    fn restore(&mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        let id = self.id.clone();
+        let result = file.edit(|content| match hosts::remove_block(content, &id) {
+            Some(updated) => Ok((updated, true)),
+            None => Ok((content.to_owned(), false)),
+        });
+        match result {
+            Ok(true) => {}
+            Ok(false) => eprintln!(
+                "kips connect: the hosts file {} no longer holds this run's block (edited by someone else?)",
+                file.path.display()
+            ),
+            Err(error) => eprintln!(
+                "kips connect: could not restore the hosts file {}: {error:#}",
+                file.path.display()
+            ),
+        }
+    }
+}
+
+impl Drop for HostsGuard {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+fn print_plan(args: &ConnectArgs, label: &str, plan: &LaptopPlan) {
+    let program = args
+        .azbridge
+        .as_ref()
+        .map_or_else(|| "azbridge".to_owned(), |p| p.display().to_string());
+    let mut azbridge_args = vec!["-x".to_owned(), "<redacted>".to_owned()];
+    azbridge_args.extend(plan.args());
+    println!("# kips connect {label}");
+    println!(
+        "{}",
+        Printable {
+            program: &program,
+            args: &azbridge_args
+        }
+    );
+    for line in plan.describe() {
+        println!("#   {line}");
+    }
+    let entries = plan.hosts_entries();
+    if !entries.is_empty() {
+        println!(
+            "# hosts file {} gets (and loses again when kips connect ends):",
+            args.hosts_file.display()
+        );
+        let block = hosts::add_block("", label, "<run>", 0, &entries);
+        for line in block.lines().filter(|l| !l.starts_with("# kips connect ")) {
+            println!("{line}");
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! `kips status`: the redirected workloads of a namespace (or all), as a table or JSON.
+//! [`row`] and [`render_table`] are pure.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+
+use super::rollout::{self, Verdict, snapshot};
+use super::workload::Object;
+use crate::annotations::STATUS;
+use crate::inject::status::InjectionStatus;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Row {
+    pub namespace: String,
+    pub kind: String,
+    pub name: String,
+    pub redirects: Vec<String>,
+    pub reverse: Vec<String>,
+    /// What the annotation asks for (`None`: the webhook's default).
+    pub port_mode_requested: Option<String>,
+    /// What the injected pods got (`iptables` or `named`), when any pod is injected.
+    pub port_mode: Option<String>,
+    pub relay_secret: Option<String>,
+    pub pods: PodCounts,
+    pub rollout: Rollout,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodCounts {
+    pub injected: usize,
+    pub ready: usize,
+    pub desired: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rollout {
+    /// `complete`, `progressing` or `failed`.
+    pub state: &'static str,
+    pub message: String,
+}
+
+/// The row of one workload, or `None` when it has nothing of kips: no kips annotations and
+/// no injected pods (a revert that finished).
+pub fn row(object: &Object, replica_sets: &[ReplicaSet], pods: &[Pod]) -> Option<Row> {
+    let kips = object.kips();
+    let wants = kips.as_ref().is_ok_and(|k| k.wants_injection());
+    let snap = snapshot(object, replica_sets, pods, None, None);
+    let uid = object.metadata().uid.clone().unwrap_or_default();
+    let owned: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| owned_directly_or_through_rs(p, &uid, replica_sets))
+        .collect();
+    let any_injected = owned.iter().any(|p| injected(p));
+    if !wants && !any_injected && kips.as_ref().is_ok_and(|k| k == &Default::default()) {
+        return None;
+    }
+    let (redirects, reverse, mode, secret) = match &kips {
+        Ok(k) => (
+            k.redirects.iter().map(ToString::to_string).collect(),
+            k.reverses.iter().map(ToString::to_string).collect(),
+            k.port_mode.map(|m| m.to_string()),
+            k.relay_secret.clone(),
+        ),
+        Err(_) => (Vec::new(), Vec::new(), None, None),
+    };
+    let port_mode = owned
+        .iter()
+        .filter_map(|p| p.metadata.annotations.as_ref()?.get(STATUS))
+        .filter_map(|s| serde_json::from_str::<InjectionStatus>(s).ok())
+        .find_map(|s| s.port_mode);
+    let rollout = match (&kips, rollout::assess(&snap, wants)) {
+        (Err(problem), _) => Rollout {
+            state: "failed",
+            message: problem.clone(),
+        },
+        (_, Verdict::Done(m)) => Rollout {
+            state: "complete",
+            message: m,
+        },
+        (_, Verdict::Waiting(m)) => Rollout {
+            state: "progressing",
+            message: m,
+        },
+        (_, Verdict::Failed(m)) => Rollout {
+            state: "failed",
+            message: m,
+        },
+    };
+    let injected_count = owned.iter().filter(|p| injected(p)).count();
+    Some(Row {
+        namespace: object.namespace().unwrap_or_default().to_owned(),
+        kind: object.kind().lower().to_owned(),
+        name: object.name().to_owned(),
+        redirects,
+        reverse,
+        port_mode_requested: mode,
+        port_mode,
+        relay_secret: secret,
+        pods: PodCounts {
+            injected: injected_count,
+            ready: owned
+                .iter()
+                .filter(|p| injected(p) && rollout::pod_state(p).ready)
+                .count(),
+            desired: snap.desired,
+        },
+        rollout,
+    })
+}
+
+fn injected(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(STATUS))
+}
+
+fn owned_directly_or_through_rs(pod: &Pod, uid: &str, replica_sets: &[ReplicaSet]) -> bool {
+    let Some(owner) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return false;
+    };
+    owner.uid == uid
+        || replica_sets.iter().any(|rs| {
+            rs.metadata.uid.as_ref() == Some(&owner.uid)
+                && rs
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+        })
+}
+
+fn dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+fn mode_cell(row: &Row) -> String {
+    match (&row.port_mode_requested, &row.port_mode) {
+        (Some(requested), Some(actual)) if requested != actual => format!("{requested}→{actual}"),
+        (_, Some(actual)) => actual.clone(),
+        (Some(requested), None) => requested.clone(),
+        (None, None) => "-".to_owned(),
+    }
+}
+
+/// The table, columns aligned like kubectl's.
+pub fn render_table(rows: &[Row]) -> String {
+    let header = [
+        "NAMESPACE",
+        "WORKLOAD",
+        "REDIRECTS",
+        "REVERSE",
+        "MODE",
+        "INJECTED",
+        "READY",
+        "ROLLOUT",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
+    for row in rows {
+        cells.push(vec![
+            row.namespace.clone(),
+            format!("{}/{}", row.kind, row.name),
+            dash(&row.redirects),
+            dash(&row.reverse),
+            mode_cell(row),
+            format!("{}/{}", row.pods.injected, row.pods.desired),
+            format!("{}/{}", row.pods.ready, row.pods.desired),
+            row.rollout.state.to_owned(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &cells {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(widths[i] - cell.chars().count() + 3));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    // Failures get their reason below the table.
+    for row in rows.iter().filter(|r| r.rollout.state == "failed") {
+        out.push_str(&format!(
+            "{}/{}/{}: {}\n",
+            row.namespace, row.kind, row.name, row.rollout.message
+        ));
+    }
+    out
+}
+
+/// Groups what was listed by namespace, for [`row`].
+pub fn rows(objects: &[Object], replica_sets: &[ReplicaSet], pods: &[Pod]) -> Vec<Row> {
+    let by_ns = |ns: Option<&str>| ns.unwrap_or_default().to_owned();
+    let mut sets: BTreeMap<String, Vec<ReplicaSet>> = BTreeMap::new();
+    for rs in replica_sets {
+        sets.entry(by_ns(rs.metadata.namespace.as_deref()))
+            .or_default()
+            .push(rs.clone());
+    }
+    let mut pods_by_ns: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
+    for pod in pods {
+        pods_by_ns
+            .entry(by_ns(pod.metadata.namespace.as_deref()))
+            .or_default()
+            .push(pod.clone());
+    }
+    let mut out: Vec<Row> = objects
+        .iter()
+        .filter_map(|o| {
+            let ns = by_ns(o.namespace());
+            row(
+                o,
+                sets.get(&ns).map_or(&[][..], Vec::as_slice),
+                pods_by_ns.get(&ns).map_or(&[][..], Vec::as_slice),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.kind, &a.name).cmp(&(&b.namespace, &b.kind, &b.name)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment(annotations: serde_json::Value, template: serde_json::Value) -> Object {
+        Object::from_value(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "api", "namespace": "dev", "uid": "d-1", "generation": 2,
+                         "annotations": annotations},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"annotations": template}, "spec": {"containers": []}}},
+            "status": {"observedGeneration": 2}
+        }))
+        .unwrap()
+    }
+
+    fn rs(revision: &str) -> ReplicaSet {
+        serde_json::from_value(json!({
+            "metadata": {"name": "api-1", "namespace": "dev", "uid": "rs-1",
+                         "annotations": {"deployment.kubernetes.io/revision": revision},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "api", "uid": "d-1", "controller": true}]}
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, mode: Option<&str>) -> Pod {
+        let mut annotations = json!({});
+        if let Some(mode) = mode {
+            annotations[STATUS] = json!(format!(
+                "{{\"version\":\"0\",\"portMode\":\"{mode}\",\"sidecar\":\"native\"}}"
+            ));
+        }
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "dev", "annotations": annotations,
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-1", "uid": "rs-1", "controller": true}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn redirected_workloads_get_a_row_and_plain_ones_none() {
+        let mut d = deployment(
+            json!({"kips.io/redirect": "api:8080", "kips.io/port-mode": "auto", "deployment.kubernetes.io/revision": "1"}),
+            json!({"kips.io/redirect": "api:8080", "kips.io/port-mode": "auto", "kips.io/copied": "port-mode,redirect"}),
+        );
+        let pods = [pod("a", Some("iptables")), pod("b", Some("iptables"))];
+        let rows = rows(std::slice::from_ref(&d), &[rs("1")], &pods);
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(row.redirects, ["api:8080"]);
+        assert_eq!(
+            row.pods,
+            PodCounts {
+                injected: 2,
+                ready: 2,
+                desired: 2
+            }
+        );
+        assert_eq!(row.rollout.state, "complete");
+        let table = render_table(&rows);
+        assert_eq!(
+            table,
+            "NAMESPACE   WORKLOAD         REDIRECTS   REVERSE   MODE            INJECTED   READY   ROLLOUT\n\
+             dev         deployment/api   api:8080    -         auto→iptables   2/2        2/2     complete\n"
+        );
+        let json = serde_json::to_value(row).unwrap();
+        assert_eq!(json["pods"]["injected"], 2);
+        assert_eq!(json["rollout"]["state"], "complete");
+        assert_eq!(json["portModeRequested"], "auto");
+
+        // Reverted, rollout finished: no row.
+        if let Object::Deployment(dep) = &mut d {
+            dep.metadata.annotations = Some(
+                [(
+                    "deployment.kubernetes.io/revision".to_owned(),
+                    "1".to_owned(),
+                )]
+                .into(),
+            );
+            dep.spec.as_mut().unwrap().template.metadata = None;
+        }
+        let plain = [pod("a", None), pod("b", None)];
+        assert!(super::rows(std::slice::from_ref(&d), &[rs("1")], &plain).is_empty());
+        // Reverted, injected pods still there: a row that says so.
+        let rows = super::rows(std::slice::from_ref(&d), &[rs("1")], &pods);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].rollout.state, "progressing");
+        assert!(rows[0].redirects.is_empty());
+    }
+
+    #[test]
+    fn invalid_annotations_show_as_failed() {
+        let d = deployment(json!({"kips.io/redirect": "api:80x0"}), json!({}));
+        let rows = rows(&[d], &[], &[]);
+        assert_eq!(rows[0].rollout.state, "failed");
+        assert!(render_table(&rows).contains("port \"80x0\""));
+    }
+}

@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the mutating admission webhook (HTTPS).
-    Webhook(WebhookArgs),
+    Webhook(Box<WebhookArgs>),
     /// Print manifests as admission would make them (like `istioctl kube-inject`).
     Inject(InjectCommandArgs),
     /// Install the nat rules of iptables port mode (runs as the `kips-init` container).
@@ -112,6 +112,13 @@ pub struct WebhookArgs {
     /// Private key of the serving certificate (PEM).
     #[arg(long, env = "KIPS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Where the serving certificate comes from: embedded (default without --tls-cert),
+    /// files (default with --tls-cert/--tls-key), or self (a CA and pair in a Secret shared
+    /// by all replicas, renewed before expiry, caBundle of --webhook-config kept current).
+    #[arg(long, env = "KIPS_CERT_MODE", value_enum)]
+    pub cert_mode: Option<crate::certs::CertMode>,
+    #[command(flatten)]
+    pub self_certs: crate::certs::SelfCertArgs,
     /// Where the embedded default writes its CA (`ca.crt`) for clients to trust.
     #[arg(long, env = "KIPS_CERTS_DIR", default_value = "certs")]
     pub certs_dir: PathBuf,
@@ -147,6 +154,8 @@ pub struct WebhookArgs {
     pub log_format: LogFormat,
     #[command(flatten)]
     pub inject: InjectArgs,
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -180,7 +189,7 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Webhook(args) => {
             init_tracing(args.log_format);
-            runtime()?.block_on(crate::webhook::run(args))
+            runtime()?.block_on(crate::webhook::run(*args))
         }
         Command::Inject(args) => crate::manifest::run(&args),
         Command::InitNet(args) => crate::initnet::run(args),

@@ -1,14 +1,14 @@
 //! `kips webhook`: certificates, state and server put together.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use crate::certs::{self, CertMode};
 use crate::cli::WebhookArgs;
 use crate::metrics::Metrics;
-use crate::server::{AppState, Server, ServerSettings, shutdown_signal};
+use crate::server::{AppState, Server, ServerSettings};
 use crate::tls::{self, CertFiles, CertStore};
 
 /// Lifetime of the embedded default's certificates: they live as long as the process.
@@ -19,8 +19,10 @@ pub async fn run(args: WebhookArgs) -> Result<()> {
     let config = args.inject.config()?;
     let metrics = Arc::new(Metrics::new());
 
-    let store = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
+    let mode = CertMode::resolve(args.cert_mode, args.tls_cert.is_some())?;
+    let mut self_managed = None;
+    let store = match (mode, &args.tls_cert, &args.tls_key) {
+        (CertMode::Files, Some(cert), Some(key)) => {
             let files = CertFiles {
                 cert: cert.clone(),
                 key: key.clone(),
@@ -31,6 +33,13 @@ pub async fn run(args: WebhookArgs) -> Result<()> {
             tracing::info!(cert = %cert.display(), "serving the given certificate; reloading it when it changes");
             store
         }
+        (CertMode::SelfManaged, _, _) => {
+            // Serves a placeholder (and stays unready) until the Secret has been read.
+            let manager = certs::self_managed(&args).await?;
+            let placeholder = certs::placeholder_pair(&manager.names)?;
+            self_managed = Some(manager);
+            CertStore::new(placeholder, metrics.clone())?
+        }
         _ => {
             let pair = embedded_pair(&args)?;
             CertStore::new(pair, metrics.clone())?
@@ -38,10 +47,14 @@ pub async fn run(args: WebhookArgs) -> Result<()> {
     };
 
     let mut state = AppState::new(config, metrics);
-    state.hooks = None;
+    state.hooks = crate::cluster::hooks(&args.cluster).await?;
     let server = Server::bind(args.listen)?;
     let addr = server.local_addr()?;
-    state.ready.store(true, Ordering::Release);
+    let readiness = certs::Readiness::new(state.ready.clone());
+    match self_managed {
+        Some(manager) => drop(manager.spawn(store.clone(), readiness.clone())),
+        None => drop(readiness.set_trusted(true)),
+    }
     tracing::info!(%addr, startup_ms = started.elapsed().as_millis() as u64, "kips webhook serving HTTPS");
 
     let settings = ServerSettings {
@@ -50,7 +63,7 @@ pub async fn run(args: WebhookArgs) -> Result<()> {
         request_timeout: args.request_timeout,
         drain_timeout: args.drain_timeout,
     };
-    let shutdown = shutdown_signal(state.ready.clone(), args.shutdown_delay);
+    let shutdown = readiness.shutdown_signal(args.shutdown_delay);
     server
         .serve(state, tls::server_config(store)?, settings, shutdown)
         .await

@@ -3,7 +3,7 @@
 //! Pure: no I/O. Every rejection names the annotation, the whole value, the offending part and
 //! the expected form, because the message is what `kubectl annotate` prints to the user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -356,6 +356,25 @@ pub fn has_kips_key<'a>(mut keys: impl Iterator<Item = &'a str>) -> bool {
     keys.any(|key| key.starts_with(PREFIX))
 }
 
+/// The full keys listed in a pod template's `kips.io/copied` marker (`redirect,port-mode`).
+pub fn copied_keys(marker: Option<&str>) -> BTreeSet<String> {
+    marker
+        .into_iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|short| !short.is_empty())
+        .map(|short| format!("{PREFIX}{short}"))
+        .collect()
+}
+
+/// The marker listing `keys` (full annotation keys), the inverse of [`copied_keys`].
+pub fn copied_marker<'k>(keys: impl IntoIterator<Item = &'k str>) -> String {
+    keys.into_iter()
+        .map(|key| key.strip_prefix(PREFIX).unwrap_or(key))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Normalises the value of one user annotation (`key` must be one of [`USER_KEYS`]).
 pub fn normalise(key: &str, value: &str) -> Result<String, AnnotationError> {
     Ok(match key {
@@ -600,6 +619,20 @@ mod tests {
         );
         let text = message("kips.io/zzzzzzzzzz", "x");
         assert!(!text.contains("did you mean"), "{text}");
+    }
+
+    #[test]
+    fn the_copied_marker_round_trips() {
+        let keys = copied_keys(Some(" port-mode,redirect ,"));
+        assert_eq!(
+            keys,
+            BTreeSet::from([PORT_MODE.to_owned(), REDIRECT.to_owned()])
+        );
+        assert_eq!(
+            copied_marker(keys.iter().map(String::as_str)),
+            "port-mode,redirect"
+        );
+        assert!(copied_keys(None).is_empty());
     }
 
     #[test]

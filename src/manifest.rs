@@ -111,23 +111,13 @@ fn inject_object(
         ("v1", "Pod") => {
             let mutation = pod::mutate(&value.to_string(), config, None)?;
             apply(value, &mutation.patch)?;
-            warnings.extend(
-                mutation
-                    .warnings
-                    .into_iter()
-                    .map(|w| format!("{label}: {w}")),
-            );
+            warnings.extend(labelled(label, mutation.warnings));
         }
         ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet") => {
             let mutation =
                 workload::mutate(&value.to_string(), config)?.map_err(|denial| anyhow!(denial))?;
             apply(value, &mutation.patch)?;
-            warnings.extend(
-                mutation
-                    .warnings
-                    .into_iter()
-                    .map(|w| format!("{label}: {w}")),
-            );
+            warnings.extend(labelled(label, mutation.warnings));
             let name = value
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
@@ -137,16 +127,15 @@ fn inject_object(
             };
             let mutation = pod::mutate(&template.to_string(), config, name.as_deref())?;
             apply(template, &mutation.patch)?;
-            warnings.extend(
-                mutation
-                    .warnings
-                    .into_iter()
-                    .map(|w| format!("{label}: {w}")),
-            );
+            warnings.extend(labelled(label, mutation.warnings));
         }
         _ => {}
     }
     Ok(())
+}
+
+fn labelled(label: &str, warnings: Vec<String>) -> impl Iterator<Item = String> + '_ {
+    warnings.into_iter().map(move |w| format!("{label}: {w}"))
 }
 
 fn apply(value: &mut Value, patch: &[json_patch::PatchOperation]) -> Result<()> {

@@ -158,6 +158,35 @@ pub fn assess(s: &Snapshot, want_injected: bool) -> Verdict {
     Verdict::Waiting(text)
 }
 
+/// StatefulSets and DaemonSets own their pods directly and mark each pod's revision with
+/// `revision_label`; pods of other revisions are old. With `OnDelete`, old pods stay until
+/// someone deletes them, so the rollout cannot finish by itself.
+fn sort_by_revision(
+    snap: &mut Snapshot,
+    pods: &[&Pod],
+    uid: &str,
+    revision_label: &str,
+    current_revision: Option<&str>,
+    update_strategy: Option<&str>,
+) {
+    for pod in pods.iter().filter(|p| owned_by(&p.metadata, uid)) {
+        let revision = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(revision_label));
+        if revision.is_some() && revision.map(String::as_str) == current_revision {
+            snap.current.push(pod_state(pod));
+        } else {
+            snap.old += 1;
+        }
+    }
+    if update_strategy == Some("OnDelete") && snap.old > 0 && snap.blocked.is_none() {
+        snap.blocked =
+            Some("its updateStrategy is OnDelete: delete its pods to roll the change out".into());
+    }
+}
+
 fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
     controller_of(meta).is_some_and(|o| o.uid == uid)
 }
@@ -334,27 +363,17 @@ pub fn snapshot(
             let update_revision = status.and_then(|s| s.update_revision.clone());
             snap.observed = status.and_then(|s| s.observed_generation).unwrap_or(0) >= generation
                 && update_revision.is_some();
-            for pod in pods.iter().filter(|p| owned_by(&p.metadata, &uid)) {
-                let hash = pod
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("controller-revision-hash"));
-                if hash.is_some() && hash == update_revision.as_ref() {
-                    snap.current.push(pod_state(pod));
-                } else {
-                    snap.old += 1;
-                }
-            }
-            let on_delete = spec
+            let strategy = spec
                 .and_then(|s| s.update_strategy.as_ref())
-                .and_then(|u| u.type_.as_deref())
-                == Some("OnDelete");
-            if on_delete && snap.old > 0 && snap.blocked.is_none() {
-                snap.blocked = Some(
-                    "its updateStrategy is OnDelete: delete its pods to roll the change out".into(),
-                );
-            }
+                .and_then(|u| u.type_.as_deref());
+            sort_by_revision(
+                &mut snap,
+                &pods,
+                &uid,
+                "controller-revision-hash",
+                update_revision.as_deref(),
+                strategy,
+            );
         }
         Object::DaemonSet(d) => {
             let spec = d.spec.as_ref();
@@ -362,27 +381,17 @@ pub fn snapshot(
             snap.desired = status.map_or(0, |s| s.desired_number_scheduled.max(0) as usize);
             snap.observed = status.and_then(|s| s.observed_generation).unwrap_or(0) >= generation;
             let current_generation = meta.generation.map(|g| g.to_string());
-            for pod in pods.iter().filter(|p| owned_by(&p.metadata, &uid)) {
-                let label = pod
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("pod-template-generation"));
-                if label.is_some() && label == current_generation.as_ref() {
-                    snap.current.push(pod_state(pod));
-                } else {
-                    snap.old += 1;
-                }
-            }
-            let on_delete = spec
+            let strategy = spec
                 .and_then(|s| s.update_strategy.as_ref())
-                .and_then(|u| u.type_.as_deref())
-                == Some("OnDelete");
-            if on_delete && snap.old > 0 && snap.blocked.is_none() {
-                snap.blocked = Some(
-                    "its updateStrategy is OnDelete: delete its pods to roll the change out".into(),
-                );
-            }
+                .and_then(|u| u.type_.as_deref());
+            sort_by_revision(
+                &mut snap,
+                &pods,
+                &uid,
+                "pod-template-generation",
+                current_generation.as_deref(),
+                strategy,
+            );
         }
     }
     snap

@@ -2,7 +2,7 @@
 //! annotations (from its metadata, or from its pod template the GitOps way), and its pod
 //! template. Pure: built from objects read elsewhere (the cluster, or a manifest file).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde_json::Value;
 
 use super::target::{WorkloadKind, WorkloadRef};
-use crate::annotations::{COPIED, KipsAnnotations, PREFIX, STATUS, USER_KEYS};
+use crate::annotations::{COPIED, KipsAnnotations, PREFIX, STATUS, USER_KEYS, copied_keys};
 
 /// One workload object, typed.
 #[derive(Debug, Clone)]
@@ -137,14 +137,7 @@ pub fn effective_annotations(
     metadata: &BTreeMap<String, String>,
     template: &BTreeMap<String, String>,
 ) -> Result<KipsAnnotations, String> {
-    let copied: BTreeSet<String> = template
-        .get(COPIED)
-        .map(|list| {
-            list.split(',')
-                .map(|short| format!("{PREFIX}{}", short.trim()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let copied = copied_keys(template.get(COPIED).map(String::as_str));
     let mut pairs: BTreeMap<&str, &str> = metadata
         .iter()
         .filter(|(k, _)| USER_KEYS.contains(&k.as_str()))
@@ -176,14 +169,7 @@ pub fn effective_annotations(
 
 /// The kips keys a user wrote into the pod template directly (kips never removes them).
 pub fn user_template_keys(template: &BTreeMap<String, String>) -> Vec<String> {
-    let copied: BTreeSet<String> = template
-        .get(COPIED)
-        .map(|list| {
-            list.split(',')
-                .map(|short| format!("{PREFIX}{}", short.trim()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let copied = copied_keys(template.get(COPIED).map(String::as_str));
     template
         .keys()
         .filter(|k| USER_KEYS.contains(&k.as_str()) && !copied.contains(k.as_str()) && *k != COPIED)

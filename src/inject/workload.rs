@@ -54,14 +54,7 @@ fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation
     };
     let template_meta = Some(&template_pod.metadata);
 
-    let copied: BTreeSet<String> = template_meta
-        .and_then(|m| m.annotation(COPIED))
-        .map(|list| {
-            list.split(',')
-                .map(|short| format!("{PREFIX}{}", short.trim()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let copied = annotations::copied_keys(template_meta.and_then(|m| m.annotation(COPIED)));
     let template_current: BTreeMap<&str, &str> = kips_pairs(template_meta).collect();
     // The user's own template annotations: everything of kips' namespace that kips did not copy.
     let user_template: Vec<(&str, &str)> = template_current
@@ -163,8 +156,7 @@ fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation
             (None, None) => {}
         }
     }
-    let marker: Vec<&str> = desired.keys().map(|k| &k[PREFIX.len()..]).collect();
-    let marker = marker.join(",");
+    let marker = annotations::copied_marker(desired.keys().copied());
     match (marker.is_empty(), template_current.get(COPIED)) {
         (true, Some(_)) => patch.push(remove(path(COPIED))),
         (false, Some(have)) if *have == marker => {}

@@ -122,6 +122,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn mutate(State(state): State<AppState>, request: Request) -> Response {
     let span = tracing::info_span!(
         "admission",
+        http = ?request.version(),
         uid = Empty,
         kind = Empty,
         namespace = Empty,

@@ -358,7 +358,11 @@ async fn malformed_input_gets_an_error_and_the_next_request_is_served() -> Resul
     let client = webhook.client(false)?;
     let good: Value = serde_json::from_str(&fixture("admission/pod-deployment-typical.json")?)?;
     let good = serde_json::to_vec(&good)?;
+    // A new client each time: HTTP/1.1 connections idle longer than the header-read timeout
+    // are closed by the server (hyper counts the idle wait toward it), which a pooled
+    // connection would otherwise meet here after the one-second waits below.
     let assert_good_request_served = || async {
+        let client = webhook.client(false).unwrap();
         let (status, response) = post(&client, &webhook, good.clone()).await.unwrap();
         assert_eq!(status, 200);
         assert!(response["response"]["patch"].is_string());
@@ -401,7 +405,10 @@ async fn malformed_input_gets_an_error_and_the_next_request_is_served() -> Resul
         answer.contains("kips refuses AdmissionReview bodies over 3145728 bytes"),
         "{answer}"
     );
-    match post(&client, &webhook, vec![b' '; 4 * 1024 * 1024]).await {
+    // The server closes a connection whose body it refused unread; a client of its own keeps
+    // that connection out of the pool the good requests use.
+    let oversized = webhook.client(false)?;
+    match post(&oversized, &webhook, vec![b' '; 4 * 1024 * 1024]).await {
         Ok((status, _)) => assert_eq!(status, 413),
         Err(error) => assert!(
             format!("{error:#}").contains("error writing a body to connection"),
@@ -411,7 +418,7 @@ async fn malformed_input_gets_an_error_and_the_next_request_is_served() -> Resul
     // Without a declared length (chunked), the limit stops reading at 3 MiB.
     let chunks =
         futures_util::stream::iter((0..64).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
-    let chunked = client
+    let chunked = oversized
         .post(webhook.url("/mutate"))
         .body(reqwest::Body::wrap_stream(chunks))
         .send()

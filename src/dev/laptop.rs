@@ -490,6 +490,7 @@ mod tests {
                 from: "http".into(),
                 to: "kips-app-8080".into(),
             }],
+            digest: String::new(),
         };
         let plan = plan(
             "api",

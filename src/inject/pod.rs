@@ -339,6 +339,12 @@ pub fn workload_name(meta: &MetaView) -> Option<String> {
 
 /// The patch for a fresh injection: parents before children, appends with `/-`.
 fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperation> {
+    let init =
+        (plan.mode == Some(PortMode::Iptables)).then(|| to_value(init_container(plan, config)));
+    let bridge = to_value(bridge_container(plan, config));
+    let mut status = status(plan, config);
+    status.digest = digest(init.iter().chain([&bridge]), &status);
+
     let mut ops = Vec::with_capacity(8);
     if pod.metadata.annotations.is_none() {
         ops.push(add(
@@ -348,7 +354,7 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
     }
     ops.push(add(
         pointer(["metadata", "annotations", STATUS]),
-        Value::String(status(plan, config).to_json()),
+        Value::String(status.to_json()),
     ));
 
     for rename in &plan.renames {
@@ -373,8 +379,6 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
         }
     }
 
-    let init = (plan.mode == Some(PortMode::Iptables)).then(|| init_container(plan, config));
-    let bridge = bridge_container(plan, config);
     if init.is_some() || config.native_sidecar {
         if pod.spec.init_containers.is_none() {
             ops.push(add(
@@ -383,10 +387,7 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
             ));
         }
         if let Some(init) = init {
-            ops.push(add(
-                pointer(["spec", "initContainers", "-"]),
-                to_value(init),
-            ));
+            ops.push(add(pointer(["spec", "initContainers", "-"]), init));
         }
     }
     let list = if config.native_sidecar {
@@ -394,8 +395,23 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
     } else {
         "containers"
     };
-    ops.push(add(pointer(["spec", list, "-"]), to_value(bridge)));
+    ops.push(add(pointer(["spec", list, "-"]), bridge));
     ops
+}
+
+/// A fingerprint of everything kips renders into a pod (its containers and the status
+/// fields), so that a reinvocation can tell an intact injection from one that must change.
+fn digest<'c>(containers: impl Iterator<Item = &'c Value>, status: &InjectionStatus) -> String {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for container in containers {
+        context.update(&serde_json::to_vec(container).expect("containers serialise"));
+    }
+    context.update(status.to_json().as_bytes());
+    let hash = context.finish();
+    hash.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn plan_handlers<'p, 'v>(
@@ -467,6 +483,7 @@ fn status(plan: &Plan, config: &InjectConfig) -> InjectionStatus {
                 to: r.to.clone(),
             })
             .collect(),
+        digest: String::new(),
     }
 }
 
@@ -692,14 +709,27 @@ fn restore_port_name(container: &mut Value, to: &str, from: &str) {
     }
 }
 
-/// Strip, render afresh, and diff: the patch takes the pod from what it is to what a single
-/// injection of its stripped form gives, which is nothing when it is already that.
+/// Re-admission of a pod kips already injected: the API server reinvokes kips after its own
+/// plugins changed the pod (ServiceAccount mounts its token into every container,
+/// LimitRanger fills in resource defaults), and pods made from a template rendered by
+/// `kips inject` arrive injected.
+///
+/// When the injection recorded in `kips.io/status` is what kips would render now, and its
+/// containers are in place, nothing changes: what others added to kips' containers stays.
+/// Otherwise kips strips, renders afresh and sends the difference, still keeping what others
+/// added to its containers (see [`keep_additions`]).
 fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) -> Mutation {
     let mut desired = current.clone();
     strip(&mut desired);
     let stripped = desired.clone();
     let view = PodView::deserialize_from(&stripped);
     let mut fresh = mutate_view(&view, config, relay_hint);
+    if fresh.effect == Effect::Injected && injection_intact(current, &fresh.patch) {
+        return Mutation {
+            warnings: fresh.warnings,
+            ..Default::default()
+        };
+    }
     if let Err(error) = json_patch::patch(&mut desired, &fresh.patch) {
         // Cannot happen (the patch was rendered from this very object); if it ever does,
         // the pod is left as it came rather than half-changed.
@@ -712,6 +742,7 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
             ..Default::default()
         };
     }
+    keep_additions(current, &mut desired);
     let patch = json_patch::diff(current, &desired).0;
     let effect = match (patch.is_empty(), fresh.effect) {
         (true, Effect::Injected) => Effect::Unchanged,
@@ -722,6 +753,110 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
         warnings: fresh.warnings,
         effect,
         needs: None,
+    }
+}
+
+/// The pod carries exactly the status a fresh injection would write, and the kips containers
+/// that status lists, in the lists it names.
+fn injection_intact(current: &Value, fresh_patch: &[PatchOperation]) -> bool {
+    let status_path = pointer(["metadata", "annotations", STATUS]);
+    let Some(rendered) = fresh_patch.iter().find_map(|op| match op {
+        PatchOperation::Add(add) if add.path == status_path => add.value.as_str(),
+        _ => None,
+    }) else {
+        return false;
+    };
+    let Ok(status) = serde_json::from_str::<InjectionStatus>(rendered) else {
+        return false;
+    };
+    let current_status = current
+        .pointer(status_path.as_str())
+        .and_then(Value::as_str);
+    current_status == Some(rendered)
+        && kips_containers(current, "initContainers") == status.init_containers
+        && kips_containers(current, "containers") == status.containers
+}
+
+fn kips_containers(pod: &Value, list: &str) -> Vec<String> {
+    pod["spec"][list]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .filter(|name| matches!(*name, BRIDGE_CONTAINER | INIT_CONTAINER))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The container fields kips renders; any other field of a kips container was added by
+/// someone else (defaulting, admission plugins, other webhooks) and is kept on re-render.
+const RENDERED_FIELDS: [&str; 10] = [
+    "name",
+    "image",
+    "imagePullPolicy",
+    "args",
+    "env",
+    "ports",
+    "readinessProbe",
+    "resources",
+    "restartPolicy",
+    "securityContext",
+];
+
+/// Lists of named entries that others extend (a token mount, a proxy variable): their
+/// entries survive a re-render beside kips' own.
+const SHARED_LISTS: [&str; 2] = ["env", "volumeMounts"];
+
+/// Carries what others added to kips' containers in `current` over to `desired`.
+fn keep_additions(current: &Value, desired: &mut Value) {
+    let before: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|list| current["spec"][*list].as_array().into_iter().flatten())
+        .collect();
+    for list in ["containers", "initContainers"] {
+        let Some(containers) = desired["spec"][list].as_array_mut() else {
+            continue;
+        };
+        for container in containers {
+            let name = container["name"].as_str().unwrap_or_default();
+            if !matches!(name, BRIDGE_CONTAINER | INIT_CONTAINER) {
+                continue;
+            }
+            if let Some(old) = before.iter().find(|c| c["name"] == name) {
+                for (field, value) in old.as_object().into_iter().flatten() {
+                    if !RENDERED_FIELDS.contains(&field.as_str()) {
+                        container[field] = value.clone();
+                    } else if let Some(ours) = container.get_mut(field) {
+                        merge_additions(field, value, ours);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inside a field kips renders: keys of objects kips does not set, and entries of shared
+/// lists kips does not name, are kept from `theirs`.
+fn merge_additions(field: &str, theirs: &Value, ours: &mut Value) {
+    match (theirs, ours) {
+        (Value::Object(theirs), Value::Object(ours)) => {
+            for (key, value) in theirs {
+                match ours.get_mut(key) {
+                    Some(mine) => merge_additions(key, value, mine),
+                    None => {
+                        ours.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(theirs), Value::Array(ours)) if SHARED_LISTS.contains(&field) => {
+            for entry in theirs {
+                if !ours.iter().any(|mine| mine["name"] == entry["name"]) {
+                    ours.push(entry.clone());
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1146,6 +1281,93 @@ mod tests {
                 .contains("0.0.0.0:15101/port8080:web")
         );
         assert_idempotent(&rerendered);
+    }
+
+    /// What the API server does to kips' containers between kips' first call and its
+    /// reinvocation: defaulting, the ServiceAccount token mount, LimitRange defaults, and
+    /// another webhook's environment variable.
+    fn as_the_api_server_leaves_it(mut pod: Value) -> Value {
+        for list in ["containers", "initContainers"] {
+            for container in pod["spec"][list].as_array_mut().into_iter().flatten() {
+                container["terminationMessagePath"] = json!("/dev/termination-log");
+                container["imagePullPolicy"] = json!("IfNotPresent");
+                container["volumeMounts"] = json!([{"name": "kube-api-access-x1", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}]);
+                if container["resources"].is_object() {
+                    container["resources"]["limits"]["cpu"] = json!("500m");
+                }
+                if let Some(env) = container["env"].as_array_mut() {
+                    env.push(json!({"name": "HTTPS_PROXY", "value": "http://proxy:3128"}));
+                }
+            }
+        }
+        pod
+    }
+
+    #[test]
+    fn reinvocation_keeps_what_the_api_server_added_to_kips_containers() {
+        let pod = deployment_pod(json!({"kips.io/redirect": "8080"}));
+        let reinvoked = as_the_api_server_leaves_it(apply(&pod, &admit(&pod)));
+        let mutation = admit(&reinvoked);
+        assert!(mutation.patch.is_empty(), "{:?}", mutation.patch);
+        assert_eq!(mutation.effect, Effect::Unchanged);
+    }
+
+    #[test]
+    fn a_needed_rerender_still_keeps_what_others_added() {
+        let pod = deployment_pod(json!({"kips.io/redirect": "8080"}));
+        let mut reinvoked = as_the_api_server_leaves_it(apply(&pod, &admit(&pod)));
+        // Another webhook added a container that declares kips' listen port 15101.
+        reinvoked["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "late", "image": "x", "ports": [{"containerPort": 15101}]}));
+        let mutation = admit(&reinvoked);
+        assert_eq!(mutation.effect, Effect::Injected);
+        let rerendered = apply(&reinvoked, &mutation);
+        let typed_pod = typed(&rerendered);
+        for name in ["kips-init", "kips-bridge"] {
+            let c = container(&typed_pod, name);
+            assert_eq!(
+                c.volume_mounts.as_ref().unwrap()[0].name,
+                "kube-api-access-x1",
+                "{name}"
+            );
+            assert_eq!(
+                c.termination_message_path.as_deref(),
+                Some("/dev/termination-log")
+            );
+            assert_eq!(
+                c.resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0,
+                "500m",
+                "{name}"
+            );
+            assert!(
+                c.env
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.name == "HTTPS_PROXY"),
+                "{name}"
+            );
+        }
+        let bridge = container(&typed_pod, "kips-bridge");
+        assert_eq!(
+            bridge.args.as_ref().unwrap()[3],
+            "0.0.0.0:15102/port8080:api",
+            "the listen port moved past 15101"
+        );
+        let ports: Vec<i32> = bridge
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(
+            ports,
+            [15102],
+            "no stale port entry of the earlier rendering"
+        );
+        assert!(admit(&rerendered).patch.is_empty());
     }
 
     #[test]

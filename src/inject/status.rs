@@ -31,6 +31,10 @@ pub struct InjectionStatus {
     /// Container ports renamed in `named` mode, restored when the pod is stripped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub renamed_ports: Vec<RenamedPort>,
+    /// Fingerprint of what kips rendered (containers and the fields above): a pod whose
+    /// digest matches a fresh rendering is left as it is on re-admission.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

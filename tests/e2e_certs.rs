@@ -14,9 +14,8 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -33,42 +32,13 @@ use serde_json::json;
 use kips::certs::bundle::{CertInfo, parse_pem_certs};
 use kips::certs::layout::CertSecret;
 use kips::certs::trust::ca_bundles;
-use support::control_plane::{self, ControlPlane, spawn_tied_to_process};
-
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/kips");
+use support::control_plane::{self, ControlPlane};
+use support::kips_e2e::{CHART, eventually, helm};
+use support::webhook::Webhook;
 
 /// Both tests install webhook configurations that fail closed for kips objects; one at a
 /// time, so that one test's unreachable webhook never answers the other's requests.
 static WEBHOOK_CONFIGS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
-    let out = cp.helm().args(args).output().context("running helm")?;
-    ensure!(
-        out.status.success(),
-        "helm {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Polls `check` every 100 ms until it returns `Some`, for at most `limit`.
-async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if started.elapsed() > limit {
-            bail!("timed out after {limit:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_is_accepted_and_the_pods_pass_restricted_pod_security() -> Result<()> {
@@ -103,7 +73,7 @@ async fn helm_install_is_accepted_and_the_pods_pass_restricted_pod_security() ->
     );
 
     let started = Instant::now();
-    let notes = helm(cp, &["install", "kips", CHART, "-n", &ns])?;
+    let notes = helm(cp, &["install", "kips", CHART, "-n", &ns]).await?;
     ensure!(
         notes.contains("kubectl -n <app-namespace> create secret generic kips-relay")
             && notes.contains("--from-literal=connectionString=")
@@ -130,11 +100,12 @@ async fn helm_install_is_accepted_and_the_pods_pass_restricted_pod_security() ->
             "--set-file",
             &format!("webhook.caBundle={}", ca_file.display()),
         ],
-    )?;
+    )
+    .await?;
 
     let mut checked = Vec::new();
     for release in ["kips", "kips-provided"] {
-        let manifest = helm(cp, &["get", "manifest", release, "-n", &ns])?;
+        let manifest = helm(cp, &["get", "manifest", release, "-n", &ns]).await?;
         for doc in serde_yaml::Deserializer::from_str(&manifest) {
             let value: serde_json::Value = serde::Deserialize::deserialize(doc)?;
             if value.is_null() {
@@ -188,8 +159,8 @@ async fn helm_install_is_accepted_and_the_pods_pass_restricted_pod_security() ->
     })
     .await?;
 
-    helm(cp, &["uninstall", "kips", "-n", &ns, "--wait"])?;
-    helm(cp, &["uninstall", "kips-provided", "-n", &ns, "--wait"])?;
+    helm(cp, &["uninstall", "kips", "-n", &ns, "--wait"]).await?;
+    helm(cp, &["uninstall", "kips-provided", "-n", &ns, "--wait"]).await?;
     let configs = Api::<MutatingWebhookConfiguration>::all(client);
     ensure!(
         configs.get_opt("kips").await?.is_none(),
@@ -236,89 +207,28 @@ const SECRET: &str = "kips-certs-webhook-tls";
 const CHECK_INTERVAL: &str = "200ms";
 const OVERLAP: &str = "3s";
 
-/// A local `kips webhook`, killed when dropped (and when the test binary dies).
-struct LocalWebhook {
-    name: &'static str,
-    child: Option<Child>,
-    logs: Arc<Mutex<String>>,
-}
-
-impl LocalWebhook {
-    fn start(name: &'static str, port: u16, ns: &str, kubeconfig: &Path) -> Result<Self> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_kips"));
-        command
-            .args([
-                "webhook",
-                &format!("--listen=127.0.0.1:{port}"),
-                "--cert-mode=self",
-                &format!("--namespace={ns}"),
-                &format!("--service-name={RELEASE}"),
-                "--san=127.0.0.1",
-                &format!("--cert-secret={SECRET}"),
-                &format!("--webhook-config={RELEASE}"),
-                &format!("--cert-check-interval={CHECK_INTERVAL}"),
-                &format!("--rotation-overlap={OVERLAP}"),
-                "--log-format=json",
-            ])
-            .env("KUBECONFIG", kubeconfig)
-            .env("KIPS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = spawn_tied_to_process(command).context("starting kips webhook")?;
-        let stderr = child.stderr.take().context("stderr is piped")?;
-        let logs = Arc::new(Mutex::new(String::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        Ok(Self {
-            name,
-            child: Some(child),
-            logs,
-        })
-    }
-
-    fn logs(&self) -> String {
-        format!("----- {} -----\n{}", self.name, self.logs.lock().unwrap())
-    }
-
-    fn stop(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
-        let child = self.child.as_mut().context("already stopped")?;
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                return Ok(status);
-            }
-            ensure!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for LocalWebhook {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A local `kips webhook --cert-mode self` on a free loopback port, with the chart's
+/// ServiceAccount (`kubeconfig`); killed when dropped (and when the test binary dies).
+async fn self_managed_webhook(ns: &str, kubeconfig: &Path) -> Result<Webhook> {
+    let dir = tempfile::Builder::new().prefix("kips-webhook-").tempdir()?;
+    let args: Vec<String> = [
+        "webhook",
+        "--listen=127.0.0.1:0",
+        "--cert-mode=self",
+        &format!("--namespace={ns}"),
+        &format!("--service-name={RELEASE}"),
+        "--san=127.0.0.1",
+        &format!("--cert-secret={SECRET}"),
+        &format!("--webhook-config={RELEASE}"),
+        &format!("--cert-check-interval={CHECK_INTERVAL}"),
+        &format!("--rotation-overlap={OVERLAP}"),
+        &format!("--kubeconfig={}", kubeconfig.display()),
+        "--log-format=json",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    tokio::task::spawn_blocking(move || Webhook::spawn(dir, &args)).await?
 }
 
 /// Accepts any server certificate: for /readyz, which says nothing about trust itself.
@@ -622,17 +532,22 @@ async fn two_replicas_share_one_self_managed_certificate_through_rotations() -> 
 
     // The chart's ServiceAccount, RBAC and webhook configuration; its own pods never run
     // (no kubelet), two local processes play them.
-    helm(cp, &["install", RELEASE, CHART, "-n", &ns])?;
+    helm(cp, &["install", RELEASE, CHART, "-n", &ns]).await?;
     let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());
     let rendered = configs.get(RELEASE).await?;
-    let ports = [free_port()?, free_port()?];
-    let local = pointed_at(&rendered, ports)?;
     configs.delete(RELEASE, &DeleteParams::default()).await?;
     let kubeconfig = service_account_kubeconfig(cp, &ns, dir.path()).await?;
 
-    let mut a = LocalWebhook::start("A", ports[0], &ns, &kubeconfig)?;
-    let mut b = LocalWebhook::start("B", ports[1], &ns, &kubeconfig)?;
-    let logs = |a: &LocalWebhook, b: &LocalWebhook| format!("{}\n{}", a.logs(), b.logs());
+    // Started at once: both race to create the Secret.
+    let (mut a, mut b) = tokio::try_join!(
+        self_managed_webhook(&ns, &kubeconfig),
+        self_managed_webhook(&ns, &kubeconfig)
+    )?;
+    let ports = [a.addr.port(), b.addr.port()];
+    let local = pointed_at(&rendered, ports)?;
+    let logs = |a: &Webhook, b: &Webhook| {
+        format!("----- A -----\n{}\n----- B -----\n{}", a.logs(), b.logs())
+    };
     let health = health_client()?;
 
     // Serving, and the Secret made, but not ready: no configuration trusts them yet.
@@ -837,16 +752,15 @@ async fn two_replicas_share_one_self_managed_certificate_through_rotations() -> 
         ensure!(readyz(&health, port).await? == 200);
         ensure!(served_cert(port, &last.trust_bundle).await? == first_der(&last.serving.cert)?);
     }
-    for webhook in [&mut a, &mut b] {
-        let status = webhook.stop(Duration::from_secs(15))?;
+    for (name, webhook) in [("A", &mut a), ("B", &mut b)] {
+        let status = webhook.terminate(Duration::from_secs(15))?;
         ensure!(
             status.success(),
-            "{} exited with {status}\n{}",
-            webhook.name,
+            "{name} exited with {status}\n{}",
             webhook.logs()
         );
     }
-    helm(cp, &["uninstall", RELEASE, "-n", &ns, "--wait"])?;
+    helm(cp, &["uninstall", RELEASE, "-n", &ns, "--wait"]).await?;
     eprintln!("self-managed certificate test took {:?}", started.elapsed());
     Ok(())
 }

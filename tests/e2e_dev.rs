@@ -14,19 +14,21 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::Deserialize;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::control_plane::{self, ControlPlane};
-use support::webhook::Webhook;
+use support::kips_e2e::{
+    FakeKubelet, KipsWebhook, annotate, create_relay_secret, deployment, eventually, wait_available,
+};
 
 const KIPS: &str = env!("CARGO_BIN_EXE_kips");
+/// How long the polls of this suite wait.
+const WAIT: Duration = Duration::from_secs(60);
 const CONNECTION_STRING: &str =
     "Endpoint=sb://kips-e2e.invalid/;SharedAccessKeyName=dev;SharedAccessKey=e2e-s3cr3t";
 
@@ -34,7 +36,7 @@ const CONNECTION_STRING: &str =
 /// configuration pointing at it: set up once per test binary.
 struct Env {
     cp: &'static ControlPlane,
-    webhook: Webhook,
+    kips: KipsWebhook,
 }
 
 async fn env() -> Result<&'static Env> {
@@ -48,161 +50,13 @@ async fn env() -> Result<&'static Env> {
 async fn setup() -> Result<Env> {
     let cp = control_plane::shared().await?;
     let kubeconfig = format!("--kubeconfig={}", cp.kubeconfig().display());
-    let webhook =
-        tokio::task::spawn_blocking(move || Webhook::start(&["--cluster-hooks=on", &kubeconfig]))
-            .await??;
-    register_webhook(cp, &webhook).await?;
-    wait_until_the_api_server_calls_kips(cp).await?;
-    Ok(Env { cp, webhook })
-}
-
-/// `helm template` of charts/kips for an outside webhook, applied.
-async fn register_webhook(cp: &ControlPlane, webhook: &Webhook) -> Result<()> {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/kips");
-    let url = format!(
-        "webhook.url=https://127.0.0.1:{}/mutate",
-        webhook.addr.port()
-    );
-    let ca = format!("webhook.caBundle={}", webhook.ca_path().display());
-    let mut helm = cp.helm();
-    helm.arg("template").arg("kips").arg(&chart).args([
-        "--namespace",
-        "kips-system",
-        "--set",
-        &url,
-        "--set-file",
-        &ca,
-    ]);
-    let output = tokio::task::spawn_blocking(move || helm.output()).await??;
-    ensure!(
-        output.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let mut found = None;
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = Value::deserialize(document)?;
-        if value["kind"] == "MutatingWebhookConfiguration" {
-            found = Some(serde_json::from_value::<MutatingWebhookConfiguration>(
-                value,
-            )?);
-        }
-    }
-    let config = found.context("the chart rendered no MutatingWebhookConfiguration")?;
-    Api::<MutatingWebhookConfiguration>::all(cp.client()?)
-        .create(&PostParams::default(), &config)
-        .await
-        .context("creating the MutatingWebhookConfiguration")?;
-    Ok(())
-}
-
-/// The API server picks webhook configurations up asynchronously: wait until a bad value is
-/// refused with kips' message (server-side dry run: nothing is created).
-async fn wait_until_the_api_server_calls_kips(cp: &ControlPlane) -> Result<()> {
-    let ns = cp.create_namespace("dev-ready").await?;
-    let api = Api::<Deployment>::namespaced(cp.client()?, &ns);
-    let mut probe = deployment("probe", 1, 8080);
-    probe
-        .metadata
-        .annotations
-        .get_or_insert_default()
-        .insert("kips.io/redirect".into(), "api:80x0".into());
-    let params = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
-    let started = Instant::now();
-    loop {
-        match api.create(&params, &probe).await {
-            Err(e) if e.to_string().contains("port \"80x0\"") => return Ok(()),
-            _ if started.elapsed() > Duration::from_secs(30) => {
-                bail!("the API server did not call kips within 30s")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-fn deployment(name: &str, replicas: i32, port: i32) -> Deployment {
-    serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{
-                    "name": "app",
-                    "image": "registry.invalid/app:1",
-                    "ports": [{"name": "http", "containerPort": port}]
-                }]}
-            }
-        }
-    }))
-    .unwrap()
+    // The only webhook of this control plane: unscoped, every namespace is its.
+    let kips = KipsWebhook::start(cp, "kips", None, &["--cluster-hooks=on", &kubeconfig]).await?;
+    Ok(Env { cp, kips })
 }
 
 async fn create_secret(client: &Client, ns: &str) -> Result<()> {
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "kips-relay"},
-        "stringData": {"connectionString": CONNECTION_STRING}
-    }))?;
-    Api::<Secret>::namespaced(client.clone(), ns)
-        .create(&PostParams::default(), &secret)
-        .await?;
-    Ok(())
-}
-
-/// A kubelet stand-in: marks every pod of `ns` Running and Ready (pods/status), until dropped.
-struct Kubelet(tokio::task::JoinHandle<()>);
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn kubelet(client: Client, ns: &str) -> Kubelet {
-    let api = Api::<Pod>::namespaced(client, ns);
-    Kubelet(tokio::spawn(async move {
-        loop {
-            if let Ok(pods) = api.list(&ListParams::default()).await {
-                for pod in pods {
-                    let ready = pod
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| {
-                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        });
-                    if ready || pod.metadata.deletion_timestamp.is_some() {
-                        continue;
-                    }
-                    let now = k8s_openapi::jiff::Timestamp::now()
-                        .strftime("%Y-%m-%dT%H:%M:%SZ")
-                        .to_string();
-                    let condition =
-                        |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
-                    let status = json!({"status": {
-                        "phase": "Running",
-                        "conditions": [condition("Initialized"), condition("ContainersReady"), condition("Ready")]
-                    }});
-                    let _ = api
-                        .patch_status(
-                            &pod.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&status),
-                        )
-                        .await;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }))
+    create_relay_secret(client, ns, CONNECTION_STRING).await
 }
 
 /// Runs `kips <args> --kubeconfig <admin>` to its end (killed if the test is dropped).
@@ -228,90 +82,27 @@ fn text(output: &Output) -> (String, String) {
     )
 }
 
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let started = Instant::now();
-    loop {
-        if let Some(value) = f().await? {
-            return Ok(value);
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("timed out after 60s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_available(client: &Client, ns: &str, name: &str, replicas: i32) -> Result<()> {
-    let api = Api::<Deployment>::namespaced(client.clone(), ns);
+/// The Event of `reason` on `deployment/name`, recorded by kips.
+async fn kips_event(client: &Client, ns: &str, name: &str, reason: &str) -> Result<Event> {
+    let api = Api::<Event>::namespaced(client.clone(), ns);
     eventually(
-        &format!("deployment/{name} to have {replicas} available pods"),
+        &format!("a {reason} Event on deployment/{name}"),
+        WAIT,
         || {
             let api = api.clone();
             async move {
-                let d = api.get(name).await?;
-                let status = d.status.unwrap_or_default();
-                Ok((status.available_replicas == Some(replicas)
-                    && status.updated_replicas == Some(replicas)
-                    && status.replicas == Some(replicas))
-                .then_some(()))
+                let events = api.list(&ListParams::default()).await?;
+                Ok(events.items.into_iter().find(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().is_some_and(|r| {
+                            r.name.as_deref() == Some(name)
+                                && r.kind.as_deref() == Some("Deployment")
+                        })
+                }))
             }
         },
     )
     .await
-}
-
-/// The Event of `reason` on `deployment/name`, recorded by kips.
-async fn kips_event(client: &Client, ns: &str, name: &str, reason: &str) -> Result<Event> {
-    let api = Api::<Event>::namespaced(client.clone(), ns);
-    eventually(&format!("a {reason} Event on deployment/{name}"), || {
-        let api = api.clone();
-        async move {
-            let events = api.list(&ListParams::default()).await?;
-            Ok(events.items.into_iter().find(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.regarding.as_ref().is_some_and(|r| {
-                        r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("Deployment")
-                    })
-            }))
-        }
-    })
-    .await
-}
-
-/// A merge patch of a Deployment's annotations, returning the API server's Warning headers
-/// (what `kubectl annotate` prints as `Warning: ...`).
-async fn annotate(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    key: &str,
-    value: &str,
-) -> Result<Vec<String>> {
-    let request = kube::core::Request::new(Deployment::url_path(&(), Some(ns))).patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
-    )?;
-    let response = client.send(request.map(kube::client::Body::from)).await?;
-    let status = response.status();
-    let warnings = response
-        .headers()
-        .get_all("warning")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(kips::dev::kube::parse_warning)
-        .collect();
-    let body = response.into_body().collect_bytes().await?;
-    ensure!(
-        status.is_success(),
-        "annotate failed: {}",
-        String::from_utf8_lossy(&body)
-    );
-    Ok(warnings)
 }
 
 /// `kips connect deployment/api --connection-string-from-secret` with the stand-in azbridge
@@ -342,7 +133,7 @@ async fn connect_with_fake_azbridge(cp: &ControlPlane, ns: &str) -> Result<Vec<S
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let args = eventually("the stand-in azbridge to start", || {
+    let args = eventually("the stand-in azbridge to start", WAIT, || {
         let dir = dir.path().to_owned();
         async move {
             for entry in std::fs::read_dir(&dir)? {
@@ -383,7 +174,7 @@ async fn redirect_and_revert_follow_the_rollout_and_status_shows_it() -> Result<
     Api::<Deployment>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &deployment("api", 2, 8080))
         .await?;
-    let _kubelet = kubelet(client.clone(), &ns);
+    let _kubelet = FakeKubelet::start(client.clone(), &ns);
     wait_available(&client, &ns, "api", 2).await?;
 
     // Before: nothing redirected.
@@ -416,7 +207,7 @@ async fn redirect_and_revert_follow_the_rollout_and_status_shows_it() -> Result<
     ensure!(
         redirect.status.success(),
         "redirect --wait failed:\n{stdout}{stderr}\n{}",
-        env.webhook.logs()
+        env.kips.webhook.logs()
     );
     ensure!(
         stdout.contains("deployment/api annotated: kips.io/redirect=api:8080"),
@@ -616,7 +407,7 @@ async fn a_statefulset_rolls_forward_and_back_too() -> Result<()> {
     Api::<StatefulSet>::namespaced(client.clone(), &ns)
         .create(&PostParams::default(), &sts)
         .await?;
-    let _kubelet = kubelet(client.clone(), &ns);
+    let _kubelet = FakeKubelet::start(client.clone(), &ns);
 
     let redirect = kips(
         cp,
@@ -673,7 +464,14 @@ async fn a_missing_relay_secret_is_warned_about_and_stops_the_wait() -> Result<(
         .await?;
 
     // kubectl annotate: the API server returns kips' warning.
-    let warnings = annotate(&client, &ns, "api", "kips.io/redirect", "api:8080").await?;
+    let warnings = annotate::<Deployment>(
+        &client,
+        &ns,
+        "api",
+        &[("kips.io/redirect", Some("api:8080"))],
+    )
+    .await?
+    .warnings;
     let expected = format!(
         "kips: the relay Secret \"kips-relay\" does not exist in namespace \"{ns}\": the redirected pods will not start until it does (key connectionString)"
     );
@@ -727,7 +525,7 @@ async fn iptables_mode_in_a_baseline_namespace_is_warned_about_and_the_rejection
     let api = Api::<Deployment>::namespaced(client.clone(), &ns);
     api.create(&PostParams::default(), &deployment("api", 1, 8080))
         .await?;
-    let _kubelet = kubelet(client.clone(), &ns);
+    let _kubelet = FakeKubelet::start(client.clone(), &ns);
     wait_available(&client, &ns, "api", 1).await?;
 
     // A numeric port: auto picks iptables, whose kips-init Pod Security baseline forbids.

@@ -2,4 +2,5 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod control_plane;
+pub mod kips_e2e;
 pub mod webhook;

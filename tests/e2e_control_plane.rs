@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet, StatefulSet},
     core::v1::Pod,
@@ -21,6 +21,9 @@ use kube::{
 };
 use serde_json::json;
 use support::control_plane;
+use support::kips_e2e::eventually;
+
+const WAIT: Duration = Duration::from_secs(30);
 
 fn workload<T: serde::de::DeserializeOwned>(kind: &str, name: &str, replicas: i32) -> Result<T> {
     Ok(serde_json::from_value(json!({
@@ -39,24 +42,6 @@ fn workload<T: serde::de::DeserializeOwned>(kind: &str, name: &str, replicas: i3
     }))?)
 }
 
-/// Polls `f` every 100 ms until it returns `Some`, for at most 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("timed out after 30s waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn deployment_gets_a_replicaset_and_pending_pods() -> Result<()> {
     let cp = control_plane::shared().await?;
@@ -67,7 +52,7 @@ async fn deployment_gets_a_replicaset_and_pending_pods() -> Result<()> {
         .create(&PostParams::default(), &workload("Deployment", "web", 2)?)
         .await?;
 
-    let rs = eventually("a ReplicaSet owned by deployment/web", || {
+    let rs = eventually("a ReplicaSet owned by deployment/web", WAIT, || {
         let api = Api::<ReplicaSet>::namespaced(client.clone(), &ns);
         async move {
             let list = api.list(&ListParams::default()).await?;
@@ -80,7 +65,7 @@ async fn deployment_gets_a_replicaset_and_pending_pods() -> Result<()> {
     })
     .await?;
 
-    let pods = eventually("2 pods owned by the ReplicaSet", || {
+    let pods = eventually("2 pods owned by the ReplicaSet", WAIT, || {
         let api = Api::<Pod>::namespaced(client.clone(), &ns);
         let rs_name = rs.name_any();
         async move {
@@ -127,7 +112,7 @@ async fn statefulset_gets_its_first_pod() -> Result<()> {
         .create(&PostParams::default(), &workload("StatefulSet", "db", 2)?)
         .await?;
     // OrderedReady: db-1 waits for db-0 to be Ready, which never happens without a kubelet.
-    let pod = eventually("pod db-0", || {
+    let pod = eventually("pod db-0", WAIT, || {
         let api = Api::<Pod>::namespaced(client.clone(), &ns);
         async move { Ok(api.get_opt("db-0").await?) }
     })
@@ -173,15 +158,19 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// Runs this test binary again (this very test, in the child role) once exiting normally and
+/// once killed, and checks that the control plane it started died with it.
 #[test]
 fn no_control_plane_process_outlives_the_test_binary() -> Result<()> {
+    if let Ok(mode) = std::env::var(CHILD_MODE) {
+        return tokio::runtime::Runtime::new()?.block_on(hold_the_shared_control_plane(&mode));
+    }
     for mode in ["exit", "kill"] {
         let report = tempfile::NamedTempFile::new()?;
         let out = Command::new(std::env::current_exe()?)
             .args([
                 "--exact",
-                "child_holds_the_shared_control_plane",
-                "--ignored",
+                "no_control_plane_process_outlives_the_test_binary",
                 "--nocapture",
             ])
             .env(CHILD_MODE, mode)
@@ -238,12 +227,9 @@ async fn a_dropped_control_plane_leaves_nothing_behind() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-#[ignore = "helper process of no_control_plane_process_outlives_the_test_binary"]
-async fn child_holds_the_shared_control_plane() -> Result<()> {
-    let Ok(mode) = std::env::var(CHILD_MODE) else {
-        return Ok(());
-    };
+/// The child role: starts the shared control plane, reports its processes, then exits
+/// (`exit`) or kills itself (`kill`).
+async fn hold_the_shared_control_plane(mode: &str) -> Result<()> {
     // Start it from a thread that ends before we look: the processes must survive their
     // starting thread (PR_SET_PDEATHSIG is per thread) and die only with the process.
     let cp =

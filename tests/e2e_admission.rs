@@ -616,7 +616,12 @@ async fn objects_without_kips_annotations_are_never_sent_to_the_webhook() -> Res
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter_map(|entry| entry["span"]["http"].as_str().map(str::to_owned))
         .collect();
-    assert_eq!(versions, ["HTTP/2.0".to_owned()].into(), "{}", kips.webhook.logs());
+    assert_eq!(
+        versions,
+        ["HTTP/2.0".to_owned()].into(),
+        "{}",
+        kips.webhook.logs()
+    );
     Ok(())
 }
 

@@ -7,26 +7,33 @@
 use axum::http::StatusCode;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::inject::view::Text;
+use crate::inject::view::{ObjectView, PodView, Text, WorkloadView};
 use crate::inject::workload::Denial;
 use crate::inject::{self, Effect, InjectConfig, Mutation};
 
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
+/// `O` is how the object is read: [`ObjectView`] in one pass over the body (the usual
+/// way), or as raw JSON when that failed and the error must say what was wrong with it.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+struct ReviewIn<'a, O> {
     #[serde(borrow, default)]
     api_version: Option<Text<'a>>,
-    #[serde(borrow, default)]
-    request: Option<RequestIn<'a>>,
+    #[serde(borrow, default = "none")]
+    request: Option<RequestIn<'a, O>>,
+}
+
+fn none<T>() -> Option<T> {
+    None
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+struct RequestIn<'a, O> {
     #[serde(borrow)]
     uid: Text<'a>,
     #[serde(borrow)]
@@ -37,10 +44,21 @@ struct RequestIn<'a> {
     name: Option<Text<'a>>,
     #[serde(borrow)]
     operation: Text<'a>,
-    #[serde(borrow, default)]
-    object: Option<&'a RawValue>,
+    #[serde(default = "none")]
+    object: Option<O>,
     #[serde(default)]
     dry_run: Option<bool>,
+}
+
+/// Only `request.object`, as a JSON value: for a pod kips injected before.
+#[derive(Deserialize)]
+struct WholeObject {
+    request: WholeObjectRequest,
+}
+
+#[derive(Deserialize)]
+struct WholeObjectRequest {
+    object: Value,
 }
 
 #[derive(Deserialize)]
@@ -187,19 +205,57 @@ pub fn review(body: &[u8], config: &InjectConfig) -> Reviewed {
 }
 
 pub fn decide(body: &[u8], config: &InjectConfig) -> Decision {
-    let unreadable = |message: String| Decision {
-        api_version: REVIEW_API_VERSION,
-        request: None,
-        result: Err(AdmissionError::Unreadable(message)),
+    match serde_json::from_slice::<ReviewIn<ObjectView>>(body) {
+        Ok(review) => decide_review(review, body, config, |object, kind| {
+            Ok(match kind {
+                ObjectKind::Pod => Object::Pod(object.into_pod()),
+                ObjectKind::Workload => Object::Workload(object.into_workload()),
+            })
+        }),
+        // Read again in two steps, so that the error names what is wrong, and where.
+        Err(_) => match serde_json::from_slice::<ReviewIn<&RawValue>>(body) {
+            Ok(review) => decide_review(review, body, config, |raw, kind| {
+                let object = match kind {
+                    ObjectKind::Pod => serde_json::from_str(raw.get()).map(Object::Pod),
+                    ObjectKind::Workload => serde_json::from_str(raw.get()).map(Object::Workload),
+                };
+                object.map_err(|error| error.to_string())
+            }),
+            Err(error) => Decision {
+                api_version: REVIEW_API_VERSION,
+                request: None,
+                result: Err(AdmissionError::Unreadable(error.to_string())),
+            },
+        },
+    }
+}
+
+/// What kind of object a request carries, as far as kips reads it.
+#[derive(Clone, Copy)]
+enum ObjectKind {
+    Pod,
+    Workload,
+}
+
+enum Object<'a> {
+    Pod(PodView<'a>),
+    Workload(WorkloadView<'a>),
+}
+
+fn decide_review<'a, O>(
+    review: ReviewIn<'a, O>,
+    body: &[u8],
+    config: &InjectConfig,
+    read_object: impl FnOnce(O, ObjectKind) -> Result<Object<'a>, String>,
+) -> Decision {
+    let Some(request) = review.request else {
+        return Decision {
+            api_version: REVIEW_API_VERSION,
+            request: None,
+            result: Err(AdmissionError::Unreadable("it has no request".into())),
+        };
     };
-    let parsed: ReviewIn = match serde_json::from_slice(body) {
-        Ok(review) => review,
-        Err(error) => return unreadable(error.to_string()),
-    };
-    let Some(request) = parsed.request else {
-        return unreadable("it has no request".into());
-    };
-    let api_version = match parsed.api_version.as_deref() {
+    let api_version = match review.api_version.as_deref() {
         Some("admission.k8s.io/v1beta1") => "admission.k8s.io/v1beta1",
         _ => REVIEW_API_VERSION,
     };
@@ -211,9 +267,45 @@ pub fn decide(body: &[u8], config: &InjectConfig) -> Decision {
         operation: request.operation.to_string(),
         dry_run: request.dry_run.unwrap_or(false),
     };
+    let kind = (
+        &*request.kind.group,
+        &*request.kind.version,
+        &*request.kind.kind,
+    );
+    let object_kind = match (kind, &*request.operation) {
+        (("", "v1", "Pod"), "CREATE") => Some(ObjectKind::Pod),
+        (("apps", "v1", "Deployment" | "StatefulSet" | "DaemonSet"), "CREATE" | "UPDATE") => {
+            Some(ObjectKind::Workload)
+        }
+        // Anything else the API server may send (a widened rule, a DELETE): let it through.
+        _ => None,
+    };
+    let result = match (object_kind, request.object) {
+        (None, _) => Ok(Mutation::default()),
+        (Some(_), None) => Err(AdmissionError::Unreadable(
+            "request.object is missing".into(),
+        )),
+        (Some(object_kind), Some(object)) => match read_object(object, object_kind) {
+            Err(error) => Err(AdmissionError::Unreadable(format!(
+                "request.object is not a {}: {error}",
+                info.kind
+            ))),
+            Ok(Object::Pod(pod)) => {
+                let whole_pod = || {
+                    serde_json::from_slice::<WholeObject>(body).map(|whole| whole.request.object)
+                };
+                inject::pod::mutate_parsed(&pod, whole_pod, config, None).map_err(|error| {
+                    AdmissionError::Unreadable(format!("request.object is not a Pod: {error}"))
+                })
+            }
+            Ok(Object::Workload(workload)) => {
+                inject::workload::mutate_view(workload, config).map_err(AdmissionError::from)
+            }
+        },
+    };
     Decision {
         api_version,
-        result: decide_request(&request, config),
+        result,
         request: Some(info),
     }
 }
@@ -226,37 +318,6 @@ pub fn error_review(error: AdmissionError) -> Reviewed {
         result: Err(error),
     }
     .respond()
-}
-
-fn decide_request(request: &RequestIn, config: &InjectConfig) -> Result<Mutation, AdmissionError> {
-    let object = || {
-        request
-            .object
-            .filter(|raw| raw.get() != "null")
-            .map(RawValue::get)
-            .ok_or_else(|| AdmissionError::Unreadable("request.object is missing".into()))
-    };
-    let unreadable_object = |error: serde_json::Error| {
-        AdmissionError::Unreadable(format!(
-            "request.object is not a {}: {error}",
-            &*request.kind.kind
-        ))
-    };
-    let kind = (
-        &*request.kind.group,
-        &*request.kind.version,
-        &*request.kind.kind,
-    );
-    match (kind, &*request.operation) {
-        (("", "v1", "Pod"), "CREATE") => {
-            inject::pod::mutate(object()?, config, None).map_err(unreadable_object)
-        }
-        (("apps", "v1", "Deployment" | "StatefulSet" | "DaemonSet"), "CREATE" | "UPDATE") => {
-            Ok(inject::workload::mutate(object()?, config).map_err(unreadable_object)??)
-        }
-        // Anything else the API server may send (a widened rule, a DELETE): let it through.
-        _ => Ok(Mutation::default()),
-    }
 }
 
 impl Decision {
@@ -273,7 +334,11 @@ impl Decision {
                 kind: "AdmissionReview",
                 response,
             };
-            serde_json::to_vec(&review).expect("reviews serialise")
+            // Sized for the patch, so the buffer is not regrown while it is written.
+            let patch_len = review.response.patch.as_ref().map_or(0, String::len);
+            let mut body = Vec::with_capacity(512 + patch_len);
+            serde_json::to_writer(&mut body, &review).expect("reviews serialise");
+            body
         };
         let uid = request.as_ref().map_or("", |r| r.uid.as_str());
         let (http_status, body, outcome, effect, warnings, denial) = match result {
@@ -281,7 +346,8 @@ impl Decision {
                 let (patch, patch_type, outcome) = if mutation.patch.is_empty() {
                     (None, None, Outcome::Allowed)
                 } else {
-                    let json = serde_json::to_vec(&mutation.patch).expect("patches serialise");
+                    let mut json = Vec::with_capacity(4096);
+                    serde_json::to_writer(&mut json, &mutation.patch).expect("patches serialise");
                     (
                         Some(base64::engine::general_purpose::STANDARD.encode(json)),
                         Some("JSONPatch"),

@@ -138,8 +138,8 @@ fn labelled(label: &str, warnings: Vec<String>) -> impl Iterator<Item = String> 
     warnings.into_iter().map(move |w| format!("{label}: {w}"))
 }
 
-fn apply(value: &mut Value, patch: &[json_patch::PatchOperation]) -> Result<()> {
-    json_patch::patch(value, patch).context("applying kips' patch")?;
+fn apply(value: &mut Value, patch: &[crate::inject::PatchOp]) -> Result<()> {
+    json_patch::patch(value, &crate::inject::json_patch(patch)).context("applying kips' patch")?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::bridge::{BridgedPort, CONNECTION_STRING_ENV, cluster_args};
 use super::ports::{PortRedirect, allocate_listen_ports};
@@ -18,7 +19,7 @@ use super::status::{InjectionStatus, RenamedPort};
 use super::view::{MetaView, PodView, PortValue};
 use super::{
     BRIDGE_CONTAINER, CONNECTION_STRING_KEY, Effect, INIT_CONTAINER, InjectConfig, Mutation,
-    VERSION, add, parse_pointer, pointer, replace,
+    PatchOp, VERSION, add, json_patch, parse_pointer, pointer, replace,
 };
 use crate::annotations::{KipsAnnotations, PortMode, PortRef, Protocol, RelayName, STATUS};
 
@@ -34,18 +35,26 @@ pub fn mutate(
     relay_hint: Option<&str>,
 ) -> Result<Mutation, serde_json::Error> {
     let pod: PodView = serde_json::from_str(pod_json)?;
-    if !crate::annotations::has_kips_key(pod.metadata.annotation_pairs().map(|(k, _)| k))
-        && !carries_injection(&pod)
-    {
-        return Ok(Mutation::default());
-    }
-    if carries_injection(&pod) {
+    mutate_parsed(&pod, || serde_json::from_str(pod_json), config, relay_hint)
+}
+
+/// Admits a pod already read into a view. `whole_pod` gives the complete object, which only
+/// a pod kips injected before needs (it is stripped and re-rendered as a JSON value).
+pub fn mutate_parsed(
+    pod: &PodView,
+    whole_pod: impl FnOnce() -> Result<Value, serde_json::Error>,
+    config: &InjectConfig,
+    relay_hint: Option<&str>,
+) -> Result<Mutation, serde_json::Error> {
+    if carries_injection(pod) {
         // Already injected (reinvocation, or a template rendered by `kips inject`): strip
         // what kips added, render afresh, and send only the difference.
-        let current: Value = serde_json::from_str(pod_json)?;
-        return Ok(rerender(&current, config, relay_hint));
+        return Ok(rerender(&whole_pod()?, config, relay_hint));
     }
-    Ok(mutate_view(&pod, config, relay_hint))
+    if !crate::annotations::has_kips_key(pod.metadata.annotation_pairs().map(|(k, _)| k)) {
+        return Ok(Mutation::default());
+    }
+    Ok(mutate_view(pod, config, relay_hint))
 }
 
 fn carries_injection(pod: &PodView) -> bool {
@@ -338,10 +347,10 @@ pub fn workload_name(meta: &MetaView) -> Option<String> {
 }
 
 /// The patch for a fresh injection: parents before children, appends with `/-`.
-fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperation> {
+fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOp> {
     let init =
-        (plan.mode == Some(PortMode::Iptables)).then(|| to_value(init_container(plan, config)));
-    let bridge = to_value(bridge_container(plan, config));
+        (plan.mode == Some(PortMode::Iptables)).then(|| rendered(&init_container(plan, config)));
+    let bridge = rendered(&bridge_container(plan, config));
     let mut status = status(plan, config);
     status.digest = digest(init.iter().chain([&bridge]), &status);
 
@@ -387,7 +396,10 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
             ));
         }
         if let Some(init) = init {
-            ops.push(add(pointer(["spec", "initContainers", "-"]), init));
+            ops.push(PatchOp::AddRendered {
+                path: pointer(["spec", "initContainers", "-"]),
+                value: init,
+            });
         }
     }
     let list = if config.native_sidecar {
@@ -395,23 +407,37 @@ fn render(pod: &PodView, plan: &Plan, config: &InjectConfig) -> Vec<PatchOperati
     } else {
         "containers"
     };
-    ops.push(add(pointer(["spec", list, "-"]), bridge));
+    ops.push(PatchOp::AddRendered {
+        path: pointer(["spec", list, "-"]),
+        value: bridge,
+    });
     ops
 }
 
 /// A fingerprint of everything kips renders into a pod (its containers and the status
 /// fields), so that a reinvocation can tell an intact injection from one that must change.
-fn digest<'c>(containers: impl Iterator<Item = &'c Value>, status: &InjectionStatus) -> String {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    for container in containers {
-        context.update(&serde_json::to_vec(container).expect("containers serialise"));
+/// Not a security boundary (whoever can write the pod can write its status), so a fast
+/// stable hash (xxh3, fixed by its specification) over the JSON, streamed without buffers.
+fn digest<'c>(
+    containers: impl Iterator<Item = &'c Box<RawValue>>,
+    status: &InjectionStatus,
+) -> String {
+    struct Hashing(xxhash_rust::xxh3::Xxh3);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
-    context.update(status.to_json().as_bytes());
-    let hash = context.finish();
-    hash.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hashing = Hashing(xxhash_rust::xxh3::Xxh3::new());
+    for container in containers {
+        hashing.0.update(container.get().as_bytes());
+    }
+    serde_json::to_writer(&mut hashing, status).expect("the status serialises");
+    format!("{:016x}", hashing.0.digest())
 }
 
 fn plan_handlers<'p, 'v>(
@@ -421,8 +447,8 @@ fn plan_handlers<'p, 'v>(
     pod.spec.containers[container].handlers()
 }
 
-fn to_value(container: Container) -> Value {
-    serde_json::to_value(container).expect("containers serialise")
+fn rendered(container: &Container) -> Box<RawValue> {
+    serde_json::value::to_raw_value(container).expect("containers serialise")
 }
 
 pub fn port_redirects(plan: &Plan) -> Vec<PortRedirect> {
@@ -730,7 +756,7 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
             ..Default::default()
         };
     }
-    if let Err(error) = json_patch::patch(&mut desired, &fresh.patch) {
+    if let Err(error) = json_patch::patch(&mut desired, &json_patch(&fresh.patch)) {
         // Cannot happen (the patch was rendered from this very object); if it ever does,
         // the pod is left as it came rather than half-changed.
         fresh
@@ -743,7 +769,11 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
         };
     }
     keep_additions(current, &mut desired);
-    let patch = json_patch::diff(current, &desired).0;
+    let patch: Vec<PatchOp> = json_patch::diff(current, &desired)
+        .0
+        .into_iter()
+        .map(PatchOp::Json)
+        .collect();
     let effect = match (patch.is_empty(), fresh.effect) {
         (true, Effect::Injected) => Effect::Unchanged,
         (_, effect) => effect,
@@ -758,10 +788,10 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
 
 /// The pod carries exactly the status a fresh injection would write, and the kips containers
 /// that status lists, in the lists it names.
-fn injection_intact(current: &Value, fresh_patch: &[PatchOperation]) -> bool {
+fn injection_intact(current: &Value, fresh_patch: &[PatchOp]) -> bool {
     let status_path = pointer(["metadata", "annotations", STATUS]);
     let Some(rendered) = fresh_patch.iter().find_map(|op| match op {
-        PatchOperation::Add(add) if add.path == status_path => add.value.as_str(),
+        PatchOp::Json(PatchOperation::Add(add)) if add.path == status_path => add.value.as_str(),
         _ => None,
     }) else {
         return false;
@@ -913,7 +943,7 @@ mod tests {
 
     fn apply(pod: &Value, mutation: &Mutation) -> Value {
         let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        json_patch::patch(&mut patched, &json_patch(&mutation.patch)).unwrap();
         patched
     }
 
@@ -961,7 +991,7 @@ mod tests {
             mutation
                 .patch
                 .iter()
-                .all(|op| matches!(op, PatchOperation::Add(_))),
+                .all(|op| matches!(op.to_operation(), PatchOperation::Add(_))),
             "a fresh injection only adds"
         );
         let injected = apply(&pod, &mutation);
@@ -1154,7 +1184,7 @@ mod tests {
         let ops = render(&view, &plan, &config());
         assert_eq!(ops[0], add(pointer(["metadata", "annotations"]), json!({})));
         let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &ops).unwrap();
+        json_patch::patch(&mut patched, &json_patch(&ops)).unwrap();
         typed(&patched);
     }
 
@@ -1270,7 +1300,7 @@ mod tests {
             mutation
                 .patch
                 .iter()
-                .all(|op| matches!(op, PatchOperation::Replace(_))),
+                .all(|op| matches!(op.to_operation(), PatchOperation::Replace(_))),
             "{:?}",
             mutation.patch
         );

@@ -267,6 +267,59 @@ pub struct TemplateView<'a> {
     pub spec: PodSpecView<'a>,
 }
 
+/// Any object kips admits, read in a single pass over the request: the fields of a pod and
+/// those of a workload's pod template side by side (an object has one or the other), so the
+/// body need not be skimmed once to find the object and again to read it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectView<'a> {
+    #[serde(borrow, default)]
+    pub metadata: MetaView<'a>,
+    #[serde(borrow, default)]
+    pub spec: ObjectSpecView<'a>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectSpecView<'a> {
+    #[serde(default)]
+    pub host_network: Option<bool>,
+    #[serde(borrow, default)]
+    pub containers: Vec<ContainerView<'a>>,
+    #[serde(borrow, default)]
+    pub init_containers: Option<Vec<ContainerView<'a>>>,
+    #[serde(borrow, default)]
+    pub template: TemplateView<'a>,
+}
+
+impl<'a> ObjectView<'a> {
+    pub fn into_pod(self) -> PodView<'a> {
+        let ObjectSpecView {
+            host_network,
+            containers,
+            init_containers,
+            ..
+        } = self.spec;
+        PodView {
+            metadata: self.metadata,
+            spec: PodSpecView {
+                host_network,
+                containers,
+                init_containers,
+            },
+        }
+    }
+
+    pub fn into_workload(self) -> WorkloadView<'a> {
+        WorkloadView {
+            metadata: self.metadata,
+            spec: WorkloadSpecView {
+                template: self.spec.template,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,11 +8,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use json_patch::PatchOperation;
 use serde_json::Value;
 
 use super::view::{MetaView, PodView, TemplateView, WorkloadView};
-use super::{Effect, InjectConfig, Mutation, PodNeeds, add, pod, pointer, remove, replace};
+use super::{
+    Effect, InjectConfig, Mutation, PatchOp, PodNeeds, add, pod, pointer, remove, replace,
+};
 use crate::annotations::{
     self, COPIED, KipsAnnotations, PREFIX, PortMode, REDIRECT, STATUS, USER_KEYS,
 };
@@ -38,7 +39,8 @@ fn kips_pairs<'m>(meta: Option<&'m MetaView>) -> impl Iterator<Item = (&'m str, 
         .filter(|(k, _)| k.starts_with(PREFIX))
 }
 
-fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation, Denial> {
+/// Admits a workload already read into a view.
+pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation, Denial> {
     let WorkloadView { metadata, spec } = workload;
     let TemplateView {
         metadata: template_meta,
@@ -140,7 +142,7 @@ fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation
         warnings.extend(plan.warnings);
     }
 
-    let mut patch: Vec<PatchOperation> = Vec::new();
+    let mut patch: Vec<PatchOp> = Vec::new();
     let path = |key: &str| pointer(["spec", "template", "metadata", "annotations", key]);
     let keys: BTreeSet<&str> = copied
         .iter()
@@ -233,7 +235,7 @@ mod tests {
 
     fn apply(object: &Value, mutation: &Mutation) -> Value {
         let mut patched = object.clone();
-        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        json_patch::patch(&mut patched, &crate::inject::json_patch(&mutation.patch)).unwrap();
         serde_json::from_value::<Deployment>(patched.clone()).expect("a valid Deployment");
         patched
     }
@@ -284,7 +286,7 @@ mod tests {
             mutation
                 .patch
                 .iter()
-                .all(|op| matches!(op, PatchOperation::Remove(_)))
+                .all(|op| matches!(op.to_operation(), json_patch::PatchOperation::Remove(_)))
         );
         let reverted = apply(&removed, &mutation);
         assert_eq!(

@@ -165,7 +165,7 @@ fi
 
 # --- load and cold start --------------------------------------------------------------------
 wait_for_quiet
-load_args=(--server-core "$SERVER_CORE" --client-core "$CLIENT_CORE")
+load_args=(--bench --server-core "$SERVER_CORE" --client-core "$CLIENT_CORE")
 ((QUICK)) && load_args+=(--duration 1 --warmup 0.3 --sizes typical --cold-starts 5)
 echo "load benchmark (several minutes)..." >&2
 "$LOAD_EXE" "${load_args[@]}" 2> >(tee "$OUT/load.log" >&2) | tee "$OUT/load.md"

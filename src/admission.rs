@@ -86,8 +86,10 @@ struct ResponseOut<'a> {
     allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<StatusOut>,
+    /// The base64 patch as a JSON string, quotes included: written as it is, since base64
+    /// never needs escaping (a plain string would be scanned byte by byte for escapes).
     #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
+    patch: Option<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
@@ -320,6 +322,15 @@ pub fn error_review(error: AdmissionError) -> Reviewed {
     .respond()
 }
 
+/// `bytes` in base64, as a JSON string.
+fn json_string_base64(bytes: &[u8]) -> Box<RawValue> {
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4 + 2);
+    text.push('"');
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut text);
+    text.push('"');
+    RawValue::from_string(text).expect("a base64 string is a JSON string")
+}
+
 impl Decision {
     /// Writes the AdmissionReview response.
     pub fn respond(self) -> Reviewed {
@@ -335,7 +346,7 @@ impl Decision {
                 response,
             };
             // Sized for the patch, so the buffer is not regrown while it is written.
-            let patch_len = review.response.patch.as_ref().map_or(0, String::len);
+            let patch_len = review.response.patch.as_ref().map_or(0, |p| p.get().len());
             let mut body = Vec::with_capacity(512 + patch_len);
             serde_json::to_writer(&mut body, &review).expect("reviews serialise");
             body
@@ -349,7 +360,7 @@ impl Decision {
                     let mut json = Vec::with_capacity(4096);
                     serde_json::to_writer(&mut json, &mutation.patch).expect("patches serialise");
                     (
-                        Some(base64::engine::general_purpose::STANDARD.encode(json)),
+                        Some(json_string_base64(&json)),
                         Some("JSONPatch"),
                         Outcome::Patched,
                     )

@@ -322,7 +322,9 @@ pub async fn open_loop(
         move |due: Instant, sent: Instant, outcome: Result<usize>, measured: &Mutex<Measured>| {
             if due >= measure_from {
                 let mut measured = measured.lock().unwrap();
-                measured.record(Instant::now() - due, &outcome);
+                let answered = Instant::now();
+                measured.record(answered - due, &outcome);
+                measured.last_answer = Some(answered);
                 let lag = (sent - due).as_micros().max(1) as u64;
                 measured.send_lag.saturating_record(lag);
             }

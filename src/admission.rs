@@ -27,6 +27,7 @@ struct ReviewIn<'a, O> {
     request: Option<RequestIn<'a, O>>,
 }
 
+/// `#[serde(default)]` would demand `O: Default`, which `&RawValue` is not.
 fn none<T>() -> Option<T> {
     None
 }

@@ -139,7 +139,8 @@ fn labelled(label: &str, warnings: Vec<String>) -> impl Iterator<Item = String> 
 }
 
 fn apply(value: &mut Value, patch: &[crate::inject::PatchOp]) -> Result<()> {
-    json_patch::patch(value, &crate::inject::json_patch(patch)).context("applying kips' patch")?;
+    json_patch::patch(value, &crate::inject::to_json_patch(patch))
+        .context("applying kips' patch")?;
     Ok(())
 }
 

@@ -13,6 +13,8 @@
 
 mod support;
 
+use support::args;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -79,15 +81,6 @@ fn container<'p>(pod: &'p Pod, name: &str) -> Result<&'p Container> {
         .chain(&spec.containers)
         .find(|c| c.name == name)
         .with_context(|| format!("pod {} has no container {name}", pod.name_any()))
-}
-
-fn args(container: &Container) -> Vec<&str> {
-    container
-        .args
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect()
 }
 
 /// The annotations of `meta` under `kips.io/`.

@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::args;
+
 use std::time::Duration;
 
 use anyhow::Result;
@@ -64,15 +66,6 @@ fn container<'p>(pod: &'p Pod, name: &str) -> &'p Container {
         .into_iter()
         .find(|c| c.name == name)
         .unwrap_or_else(|| panic!("no container {name}"))
-}
-
-fn args(container: &Container) -> Vec<&str> {
-    container
-        .args
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .collect()
 }
 
 /// Admits a fixture, checks the wire format, re-admits the result, and returns the patched

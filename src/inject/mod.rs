@@ -157,7 +157,7 @@ impl Serialize for PatchOp {
 }
 
 /// `ops` as a patch json-patch can apply.
-pub fn json_patch(ops: &[PatchOp]) -> Vec<PatchOperation> {
+pub fn to_json_patch(ops: &[PatchOp]) -> Vec<PatchOperation> {
     ops.iter().map(PatchOp::to_operation).collect()
 }
 

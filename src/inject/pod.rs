@@ -19,7 +19,7 @@ use super::status::{InjectionStatus, RenamedPort};
 use super::view::{MetaView, PodView, PortValue};
 use super::{
     BRIDGE_CONTAINER, CONNECTION_STRING_KEY, Effect, INIT_CONTAINER, InjectConfig, Mutation,
-    PatchOp, VERSION, add, json_patch, parse_pointer, pointer, replace,
+    PatchOp, VERSION, add, parse_pointer, pointer, replace, to_json_patch,
 };
 use crate::annotations::{KipsAnnotations, PortMode, PortRef, Protocol, RelayName, STATUS};
 
@@ -756,7 +756,7 @@ fn rerender(current: &Value, config: &InjectConfig, relay_hint: Option<&str>) ->
             ..Default::default()
         };
     }
-    if let Err(error) = json_patch::patch(&mut desired, &json_patch(&fresh.patch)) {
+    if let Err(error) = json_patch::patch(&mut desired, &to_json_patch(&fresh.patch)) {
         // Cannot happen (the patch was rendered from this very object); if it ever does,
         // the pod is left as it came rather than half-changed.
         fresh
@@ -943,7 +943,7 @@ mod tests {
 
     fn apply(pod: &Value, mutation: &Mutation) -> Value {
         let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &json_patch(&mutation.patch)).unwrap();
+        json_patch::patch(&mut patched, &to_json_patch(&mutation.patch)).unwrap();
         patched
     }
 
@@ -1184,7 +1184,7 @@ mod tests {
         let ops = render(&view, &plan, &config());
         assert_eq!(ops[0], add(pointer(["metadata", "annotations"]), json!({})));
         let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &json_patch(&ops)).unwrap();
+        json_patch::patch(&mut patched, &to_json_patch(&ops)).unwrap();
         typed(&patched);
     }
 

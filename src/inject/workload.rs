@@ -235,7 +235,7 @@ mod tests {
 
     fn apply(object: &Value, mutation: &Mutation) -> Value {
         let mut patched = object.clone();
-        json_patch::patch(&mut patched, &crate::inject::json_patch(&mutation.patch)).unwrap();
+        json_patch::patch(&mut patched, &crate::inject::to_json_patch(&mutation.patch)).unwrap();
         serde_json::from_value::<Deployment>(patched.clone()).expect("a valid Deployment");
         patched
     }

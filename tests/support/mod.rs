@@ -4,3 +4,13 @@
 pub mod control_plane;
 pub mod kips_e2e;
 pub mod webhook;
+
+/// A container's args as strings (empty when it has none).
+pub fn args(container: &k8s_openapi::api::core::v1::Container) -> Vec<&str> {
+    container
+        .args
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
+}

@@ -1,4 +1,4 @@
-//! The pure core, body bytes to response bytes: `kips::admission::review` for pod and
+//! The pure core, body bytes to response bytes: `kips::webhook::review::review` for pod and
 //! Deployment admission at three sizes, and the typical pod split into its stages.
 //!
 //! `cargo bench --bench admission`. Allocation counts: `cargo bench --bench admission_allocations`.
@@ -8,8 +8,8 @@ mod common;
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kips::admission;
 use kips::inject::InjectConfig;
+use kips::webhook::review as admission;
 use serde::de::IgnoredAny;
 
 fn review(c: &mut Criterion) {

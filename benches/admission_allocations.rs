@@ -1,5 +1,5 @@
 //! Heap allocations per admission, counted by a global allocator wrapper: the pure core
-//! (`kips::admission::review`) for every fixture, and the typical pod split into stages.
+//! (`kips::webhook::review::review`) for every fixture, and the typical pod split into stages.
 //!
 //! `cargo bench --bench admission_allocations`. Counts, not times: they do not depend on
 //! the machine's load.
@@ -10,8 +10,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use kips::admission;
 use kips::inject::InjectConfig;
+use kips::webhook::review as admission;
 
 struct Counting;
 

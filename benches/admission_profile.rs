@@ -1,4 +1,4 @@
-//! Runs `kips::admission::review` on one fixture many times, for an instruction profile:
+//! Runs `kips::webhook::review::review` on one fixture many times, for an instruction profile:
 //!
 //!     valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*profiled_reviews*' \
 //!         target/release/deps/admission_profile-* pod-typical 100
@@ -47,6 +47,6 @@ fn main() {
 #[inline(never)]
 fn profiled_reviews(body: &[u8], config: &kips::inject::InjectConfig, runs: usize) {
     for _ in 0..runs {
-        black_box(kips::admission::review(black_box(body), config));
+        black_box(kips::webhook::review::review(black_box(body), config));
     }
 }

@@ -1,21 +1,43 @@
 //! kips: redirect a Kubernetes workload's traffic over Azure Relay to a developer's machine.
 //!
-//! The pure core ([`annotations`], [`inject`]) turns annotated objects into JSON patches; the
-//! edges ([`admission`], [`server`], [`tls`], [`cli`]) do the I/O.
+//! The pure core ([`annotations`](crate::annotations), [`inject`], the bridge's routes and
+//! command lines) turns annotated objects into JSON patches and command lines; the edges
+//! ([`webhook`], the developer's commands, `kips init-net`, certificates) do the I/O. The
+//! command line ([`cli`]) turns flags into a plain [`Command`], which the binary dispatches.
+//! `docs/architecture.md` maps the modules and follows one admission and one `kips connect`
+//! through them.
 
-pub mod admission;
-pub mod annotations;
-pub mod inject;
-
-/// The azbridge release the default sidecar image carries.
-pub const AZBRIDGE_VERSION: &str = "0.16.1";
+mod annotations;
+mod bridge;
 pub mod certs;
 pub mod cli;
-pub mod cluster;
 pub mod dev;
 pub mod initnet;
-pub mod manifest;
-pub mod metrics;
-pub mod server;
+pub mod inject;
+mod k8s;
+pub mod logging;
+mod manifest;
 pub mod tls;
 pub mod webhook;
+mod workload;
+
+pub use k8s::parse_warning;
+pub use manifest::InjectCommand;
+
+/// One run of the binary, as plain data: what the command line asked for.
+#[derive(Debug)]
+pub enum Command {
+    Webhook(Box<webhook::WebhookConfig>, logging::LogFormat),
+    Inject(manifest::InjectCommand),
+    InitNet(initnet::InitNetConfig),
+    Connect(dev::ConnectConfig),
+    Redirect(dev::RedirectConfig),
+    Revert(dev::RevertConfig),
+    Status(dev::StatusConfig),
+    Certs(certs::CertsCommand),
+}
+
+/// Runs `kips inject`.
+pub fn inject_manifests(command: &InjectCommand) -> anyhow::Result<()> {
+    manifest::run(command)
+}

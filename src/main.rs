@@ -1,9 +1,46 @@
-fn main() -> std::process::ExitCode {
-    match kips::cli::run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+//! The `kips` binary: parse the command line, dispatch, turn the outcome into an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kips::Command;
+use kips::cli::Cli;
+
+fn main() -> ExitCode {
+    let command = match Cli::parse().into_command() {
+        Ok(command) => command,
+        Err(usage) => {
+            eprintln!("kips: {usage}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(command) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("kips: {error:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Webhook(config, log_format) => {
+            kips::logging::init(log_format);
+            runtime()?.block_on(kips::webhook::run(*config))
+        }
+        Command::Inject(command) => kips::inject_manifests(&command),
+        Command::InitNet(config) => Ok(kips::initnet::run(config)?),
+        Command::Connect(config) => runtime()?.block_on(kips::dev::connect(config)),
+        Command::Redirect(config) => runtime()?.block_on(kips::dev::redirect(config)),
+        Command::Revert(config) => runtime()?.block_on(kips::dev::revert(config)),
+        Command::Status(config) => runtime()?.block_on(kips::dev::status(config)),
+        Command::Certs(command) => runtime()?.block_on(kips::certs::run(command)),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }

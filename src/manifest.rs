@@ -5,15 +5,24 @@
 //! copy into the template and the pod injection of the template.
 
 use std::io::{Read, Write};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
-use crate::cli::InjectCommandArgs;
-use crate::inject::{InjectConfig, pod, workload};
+use crate::inject::patch::{PatchOp, to_json_patch};
+use crate::inject::{self, InjectConfig, workload};
 
-pub fn run(args: &InjectCommandArgs) -> Result<()> {
-    let config = args.inject.config()?;
+/// `kips inject -f FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectCommand {
+    /// The manifest; `-` is stdin.
+    pub file: PathBuf,
+    pub inject: InjectConfig,
+}
+
+pub fn run(args: &InjectCommand) -> Result<()> {
+    let config = &args.inject;
     let input = if args.file.as_os_str() == "-" {
         let mut text = String::new();
         std::io::stdin()
@@ -24,7 +33,7 @@ pub fn run(args: &InjectCommandArgs) -> Result<()> {
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("reading {}", args.file.display()))?
     };
-    let rendered = inject_manifests(&input, &config)?;
+    let rendered = inject_manifests(&input, config)?;
     for warning in &rendered.warnings {
         eprintln!("warning: {warning}");
     }
@@ -109,13 +118,12 @@ fn inject_object(
             }
         }
         ("v1", "Pod") => {
-            let mutation = pod::mutate(&value.to_string(), config, None)?;
+            let mutation = inject::mutate_pod(&value.to_string(), config, None)?;
             apply(value, &mutation.patch)?;
             warnings.extend(labelled(label, mutation.warnings));
         }
         ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet") => {
-            let mutation =
-                workload::mutate(&value.to_string(), config)?.map_err(|denial| anyhow!(denial))?;
+            let mutation = workload::mutate(&value.to_string(), config)?;
             apply(value, &mutation.patch)?;
             warnings.extend(labelled(label, mutation.warnings));
             let name = value
@@ -125,7 +133,7 @@ fn inject_object(
             let Some(template) = value.pointer_mut("/spec/template") else {
                 bail!("it has no spec.template");
             };
-            let mutation = pod::mutate(&template.to_string(), config, name.as_deref())?;
+            let mutation = inject::mutate_pod(&template.to_string(), config, name.as_deref())?;
             apply(template, &mutation.patch)?;
             warnings.extend(labelled(label, mutation.warnings));
         }
@@ -138,9 +146,8 @@ fn labelled(label: &str, warnings: Vec<String>) -> impl Iterator<Item = String> 
     warnings.into_iter().map(move |w| format!("{label}: {w}"))
 }
 
-fn apply(value: &mut Value, patch: &[crate::inject::PatchOp]) -> Result<()> {
-    json_patch::patch(value, &crate::inject::to_json_patch(patch))
-        .context("applying kips' patch")?;
+fn apply(value: &mut Value, patch: &[PatchOp]) -> Result<()> {
+    json_patch::patch(value, &to_json_patch(patch)).context("applying kips' patch")?;
     Ok(())
 }
 

@@ -4,7 +4,6 @@
 //! The resolver is consulted on every handshake, so a new pair applies to new connections at
 //! once while connections already open finish on the pair they started with.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,7 +21,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::metrics::{Metrics, ResultLabels};
+/// Told about the pairs a [`CertStore`] serves (the webhook's metrics).
+pub trait CertObserver: Send + Sync {
+    /// A pair is served from now on; `not_after` is its expiry when readable.
+    fn serving(&self, not_after: Option<SystemTime>);
+    /// A new pair replaced the one served before.
+    fn reloaded(&self);
+    /// A new pair was refused; the previous one keeps serving.
+    fn rejected(&self);
+}
 
 /// A PEM certificate (chain) and its PEM private key.
 #[derive(Clone, PartialEq, Eq)]
@@ -149,7 +156,7 @@ pub fn not_after(cert_pem: &str) -> Result<SystemTime> {
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
     pem: ArcSwap<PemPair>,
-    metrics: Arc<Metrics>,
+    observer: Arc<dyn CertObserver>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -159,15 +166,14 @@ impl std::fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    pub fn new(pair: PemPair, metrics: Arc<Metrics>) -> Result<Arc<Self>> {
+    pub fn new(pair: PemPair, observer: Arc<dyn CertObserver>) -> Result<Arc<Self>> {
         let key = certified_key(&pair)?;
-        let store = Arc::new(Self {
+        observer.serving(not_after(&pair.cert).ok());
+        Ok(Arc::new(Self {
             current: ArcSwap::new(key),
-            pem: ArcSwap::from_pointee(pair.clone()),
-            metrics,
-        });
-        store.record_expiry(&pair);
-        Ok(store)
+            pem: ArcSwap::from_pointee(pair),
+            observer,
+        }))
     }
 
     /// Serves `pair` from the next handshake on, unless it is unusable (then the old pair
@@ -179,19 +185,13 @@ impl CertStore {
         match certified_key(&pair) {
             Ok(key) => {
                 self.current.store(key);
-                self.record_expiry(&pair);
+                self.observer.serving(not_after(&pair.cert).ok());
+                self.observer.reloaded();
                 self.pem.store(Arc::new(pair));
-                self.metrics
-                    .certificate_reloads
-                    .get_or_create(&ResultLabels { result: "loaded" })
-                    .inc();
                 Ok(true)
             }
             Err(error) => {
-                self.metrics
-                    .certificate_reloads
-                    .get_or_create(&ResultLabels { result: "rejected" })
-                    .inc();
+                self.observer.rejected();
                 Err(error)
             }
         }
@@ -199,17 +199,6 @@ impl CertStore {
 
     pub fn pem(&self) -> Arc<PemPair> {
         self.pem.load_full()
-    }
-
-    fn record_expiry(&self, pair: &PemPair) {
-        if let Ok(expiry) = not_after(&pair.cert) {
-            let seconds = expiry
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            self.metrics
-                .certificate_not_after
-                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
-        }
     }
 }
 
@@ -246,7 +235,7 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
 }
 
 /// Certificate files to serve and watch.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -319,11 +308,6 @@ impl CertFiles {
     }
 }
 
-/// Parses a SAN given on the command line: an IP address or a DNS name.
-pub fn is_ip(name: &str) -> bool {
-    name.parse::<IpAddr>().is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,7 +350,13 @@ mod tests {
             issue_serving_cert(&ca, &["localhost".into()], Duration::from_secs(600)).unwrap();
         let second =
             issue_serving_cert(&ca, &["localhost".into()], Duration::from_secs(600)).unwrap();
-        let store = CertStore::new(first.clone(), Arc::new(Metrics::new())).unwrap();
+        struct Quiet;
+        impl CertObserver for Quiet {
+            fn serving(&self, _: Option<SystemTime>) {}
+            fn reloaded(&self) {}
+            fn rejected(&self) {}
+        }
+        let store = CertStore::new(first.clone(), Arc::new(Quiet)).unwrap();
         let mixed = PemPair {
             cert: second.cert.clone(),
             key: first.key.clone(),

@@ -45,10 +45,10 @@ pub fn all_fixtures() -> Vec<Fixture> {
 /// pods, a template copy for Deployments (a benchmark of a rejected body would measure
 /// nothing useful).
 pub fn assert_patched(fixture: &Fixture, config: &kips::inject::InjectConfig) {
-    let reviewed = kips::admission::review(&fixture.body, config);
+    let reviewed = kips::webhook::review::review(&fixture.body, config);
     assert_eq!(
         reviewed.outcome,
-        kips::admission::Outcome::Patched,
+        kips::webhook::review::Outcome::Patched,
         "{} was not patched: {}",
         fixture.name,
         String::from_utf8_lossy(&reviewed.body)
@@ -62,7 +62,7 @@ pub fn reinvoked_pod(config: &kips::inject::InjectConfig) -> Fixture {
     use base64::Engine;
     let typical = fixture("pod", "typical");
     let answer: serde_json::Value =
-        serde_json::from_slice(&kips::admission::review(&typical.body, config).body)
+        serde_json::from_slice(&kips::webhook::review::review(&typical.body, config).body)
             .expect("kips answers JSON");
     let patch = base64::engine::general_purpose::STANDARD
         .decode(answer["response"]["patch"].as_str().expect("a patch"))
@@ -72,10 +72,10 @@ pub fn reinvoked_pod(config: &kips::inject::InjectConfig) -> Fixture {
         serde_json::from_slice(&typical.body).expect("the fixture is JSON");
     json_patch::patch(&mut review["request"]["object"], &patch).expect("kips' patch applies");
     let body = serde_json::to_vec(&review).expect("JSON");
-    let reviewed = kips::admission::review(&body, config);
+    let reviewed = kips::webhook::review::review(&body, config);
     assert_eq!(
         reviewed.outcome,
-        kips::admission::Outcome::Allowed,
+        kips::webhook::review::Outcome::Allowed,
         "a reinvoked intact pod is left alone: {}",
         String::from_utf8_lossy(&reviewed.body)
     );

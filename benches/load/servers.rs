@@ -17,7 +17,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::{BodyExt, Limited};
-use kips::server::{MAX_BODY_BYTES, Server, ServerSettings};
+use kips::webhook::{MAX_BODY_BYTES, Server, ServerSettings};
 
 /// Which server a measurement is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,7 +207,7 @@ pub fn own_cpu_time() -> Duration {
 /// answering every `/mutate` with one pre-serialised review (kips' own answer to the typical
 /// pod) after reading the body, without parsing it.
 pub fn run_ceiling(listen: SocketAddr, certs_dir: PathBuf) -> Result<()> {
-    kips::cli::init_tracing(kips::cli::LogFormat::Text);
+    kips::logging::init(kips::logging::LogFormat::Text);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -216,10 +216,11 @@ pub fn run_ceiling(listen: SocketAddr, certs_dir: PathBuf) -> Result<()> {
         let ca = kips::tls::generate_ca("kips bench ceiling CA", validity)?;
         let pair = kips::tls::issue_serving_cert(&ca, &kips::tls::local_names(&[]), validity)?;
         kips::tls::write_atomically(&certs_dir.join("ca.crt"), &ca.cert)?;
-        let store = kips::tls::CertStore::new(pair, Arc::new(kips::metrics::Metrics::new()))?;
+        let store = kips::tls::CertStore::new(pair, Arc::new(kips::webhook::Metrics::new()))?;
         let typical = crate::common::fixture("pod", "typical");
         let answer = Bytes::from(
-            kips::admission::review(&typical.body, &kips::inject::InjectConfig::default()).body,
+            kips::webhook::review::review(&typical.body, &kips::inject::InjectConfig::default())
+                .body,
         );
         let settings = ServerSettings::default();
         let app = Router::new()

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -22,7 +22,7 @@ use kube::{Api, Client};
 use super::bundle::same_certificates;
 use super::layout::{CertSecret, SECRET_TYPE, View};
 use super::plan::{self, Force, Plan, Policy, Step};
-use super::trust::{Readiness, ca_bundle_json, ca_bundles, trusted_by_every_webhook};
+use super::trust::{ca_bundle_json, ca_bundles, trusted_by_every_webhook};
 use crate::tls::CertStore;
 
 /// Reads and writes after which a replica gives up one round (others kept winning).
@@ -155,7 +155,7 @@ impl CertSecretApi {
                 }
                 Ok((current, view)) => {
                     let plan = match force {
-                        Some(force) => plan::forced(&view, force, now).map_err(|e| anyhow!(e))?,
+                        Some(force) => plan::forced(&view, force, now)?,
                         None => plan::plan(&view, names, policy, now),
                     };
                     if let Step::Keep { .. } = plan.step {
@@ -290,6 +290,20 @@ pub fn ca_bundle_patch(webhooks: &[String], bundle: &str) -> serde_json::Value {
     })
 }
 
+/// Where the loop reports whether the API server trusts what is served: the webhook's
+/// readiness.
+pub trait TrustGate: Send + Sync + 'static {
+    /// Records the answer; returns whether it changed.
+    fn set_trusted(&self, trusted: bool) -> bool;
+    fn trusted(&self) -> bool;
+}
+
+/// The outcome of one round: whether the API server trusts the served certificate.
+enum Trust {
+    Trusted,
+    Untrusted(String),
+}
+
 /// Everything `--cert-mode self` needs.
 pub struct SelfManaged {
     pub secret: CertSecretApi,
@@ -303,18 +317,22 @@ pub struct SelfManaged {
 impl SelfManaged {
     /// Runs forever: keeps the Secret, the served pair and the `caBundle` current, and the
     /// readiness gate on whether the API server trusts what is served.
-    pub fn spawn(self, store: Arc<CertStore>, readiness: Readiness) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(
+        self,
+        store: Arc<CertStore>,
+        readiness: impl TrustGate,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut last_complaint = String::new();
             loop {
                 match self.check(&store).await {
-                    Ok(Ok(())) => {
+                    Ok(Trust::Trusted) => {
                         last_complaint.clear();
                         if readiness.set_trusted(true) {
                             tracing::info!("the API server trusts the served certificate: ready");
                         }
                     }
-                    Ok(Err(why)) => {
+                    Ok(Trust::Untrusted(why)) => {
                         readiness.set_trusted(false);
                         if why != last_complaint {
                             tracing::warn!(reason = %why, "not ready: the API server would not trust the served certificate");
@@ -341,8 +359,9 @@ impl SelfManaged {
         })
     }
 
-    /// One round. `Ok(Err(reason))`: done, but the API server would not trust us yet.
-    async fn check(&self, store: &CertStore) -> Result<Result<(), String>> {
+    /// One round: the Secret, the served pair and the `caBundle` reconciled, and whether the
+    /// API server now trusts what is served.
+    async fn check(&self, store: &CertStore) -> Result<Trust> {
         let reconciled = self
             .secret
             .reconcile(&self.names, &self.policy, None)
@@ -366,17 +385,22 @@ impl SelfManaged {
             .sync_ca_bundle(&reconciled.secret.trust_bundle)
             .await?
         else {
-            return Ok(Err(format!(
+            return Ok(Trust::Untrusted(format!(
                 "MutatingWebhookConfiguration {} does not exist",
                 self.config.name()
             )));
         };
-        Ok(trusted_by_every_webhook(
-            &config,
-            &store.pem().cert,
-            &self.names[0],
-            SystemTime::now(),
-        ))
+        Ok(
+            match trusted_by_every_webhook(
+                &config,
+                &store.pem().cert,
+                &self.names[0],
+                SystemTime::now(),
+            ) {
+                Ok(()) => Trust::Trusted,
+                Err(why) => Trust::Untrusted(why.to_string()),
+            },
+        )
     }
 }
 

@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use clap::Args;
 
 use super::bundle::parse_pem_certs;
-use super::{describe, parse_duration, plan};
+use super::{describe, plan};
 use crate::tls::{self, PemPair};
 
 pub const CA_CERT: &str = "ca.crt";
@@ -17,34 +16,24 @@ pub const CA_KEY: &str = "ca.key";
 pub const SERVING_CERT: &str = "tls.crt";
 pub const SERVING_KEY: &str = "tls.key";
 
-#[derive(Debug, Clone, Args)]
-pub struct CreateArgs {
+/// What `kips certs create` writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateConfig {
     /// Directory to write ca.crt, ca.key, tls.crt and tls.key into.
-    #[arg(long, default_value = "certs")]
     pub out: PathBuf,
-    /// Names of the serving certificate (DNS or IP), comma-separated; localhost, 127.0.0.1
-    /// and ::1 are always included.
-    #[arg(long = "san", value_delimiter = ',')]
+    /// Extra names of the serving certificate (localhost, 127.0.0.1 and ::1 always).
     pub sans: Vec<String>,
     /// Adds `<service>.<namespace>.svc` and its variants to the names.
-    #[arg(long, requires = "namespace")]
     pub service_name: Option<String>,
-    /// Namespace of --service-name.
-    #[arg(long)]
     pub namespace: Option<String>,
-    /// Validity of the serving certificate.
-    #[arg(long, default_value = "90d", value_parser = parse_duration)]
     pub validity: Duration,
-    /// Validity of a new CA.
-    #[arg(long, default_value = "1095d", value_parser = parse_duration)]
     pub ca_validity: Duration,
-    /// Make a new CA even if DIR holds one (clients must then trust the new ca.crt).
-    #[arg(long)]
+    /// Make a new CA even if `out` holds one.
     pub new_ca: bool,
 }
 
 /// The names of the serving certificate `args` asks for.
-pub fn names(args: &CreateArgs) -> Vec<String> {
+fn names(args: &CreateConfig) -> Vec<String> {
     let mut extra = args.sans.clone();
     if let (Some(service), Some(namespace)) = (&args.service_name, &args.namespace) {
         extra.extend(tls::service_names(service, namespace));
@@ -52,7 +41,7 @@ pub fn names(args: &CreateArgs) -> Vec<String> {
     tls::local_names(&extra)
 }
 
-pub fn create(args: &CreateArgs) -> Result<()> {
+pub fn create(args: &CreateConfig) -> Result<()> {
     let now = SystemTime::now();
     let dir = &args.out;
     let (ca, reused) = match existing_ca(dir)? {
@@ -161,8 +150,8 @@ pub fn status(dir: &Path) -> Result<String> {
 mod tests {
     use super::*;
 
-    fn args(dir: &Path) -> CreateArgs {
-        CreateArgs {
+    fn args(dir: &Path) -> CreateConfig {
+        CreateConfig {
             out: dir.to_path_buf(),
             sans: vec!["kips.test".to_owned()],
             service_name: None,

@@ -225,19 +225,27 @@ pub fn plan(view: &View, names: &[String], policy: &Policy, now: SystemTime) -> 
     )
 }
 
+/// A renewal a person asked for while the clock is in the middle of a CA rotation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a CA rotation is under way (the trust bundle holds {cas} CAs); the webhook finishes it on its own, try again afterwards"
+)]
+pub struct RotationUnderWay {
+    cas: usize,
+}
+
 /// The step a person asked for, unless a CA rotation is under way (then the clock finishes
 /// it first, and the request is refused with the reason).
-pub fn forced(view: &View, force: Force, now: SystemTime) -> Result<Plan, String> {
+pub fn forced(view: &View, force: Force, now: SystemTime) -> Result<Plan, RotationUnderWay> {
     if view.serving_issued_by == IssuedBy::OtherTrusted
         || view
             .bundle
             .iter()
             .any(|ca| ca.der != view.signer.der && !ca.expired(now))
     {
-        return Err(format!(
-            "a CA rotation is under way (the trust bundle holds {} CAs); the webhook finishes it on its own, try again afterwards",
-            view.bundle.len()
-        ));
+        return Err(RotationUnderWay {
+            cas: view.bundle.len(),
+        });
     }
     Ok(match force {
         Force::Serving => Plan::new(
@@ -515,7 +523,7 @@ mod tests {
         );
         let mut rotating = fresh();
         rotating.bundle.push(cert(5, t0(), POLICY.ca_validity, &[]));
-        let refusal = forced(&rotating, Force::Ca, t0()).unwrap_err();
+        let refusal = forced(&rotating, Force::Ca, t0()).unwrap_err().to_string();
         assert!(refusal.contains("CA rotation is under way"), "{refusal}");
     }
 

@@ -1,8 +1,7 @@
-//! Will the API server trust what we serve? And the readiness gate built on the answer.
+//! Will the API server trust what we serve?
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use base64::Engine;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -14,6 +13,34 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::tls;
 
+/// Why a client that trusts a bundle would refuse the served certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    #[error("the CA bundle is not PEM: {0}")]
+    BundleNotPem(String),
+    #[error("the CA bundle holds an unusable certificate: {0}")]
+    BundleUnusable(String),
+    #[error("the CA bundle is empty")]
+    EmptyBundle,
+    #[error("the served certificate is not PEM: {0}")]
+    ServedNotPem(String),
+    #[error("no certificate is served")]
+    NothingServed,
+    #[error("{name:?} is not a DNS name or IP address: {error}")]
+    BadName { name: String, error: String },
+    #[error("building a verifier: {0}")]
+    Verifier(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the webhook configuration has no webhooks")]
+    NoWebhooks,
+    #[error("webhook {webhook} would not trust it: {error}")]
+    Webhook {
+        webhook: String,
+        error: Box<TrustError>,
+    },
+}
+
 /// Checks `served_cert` (PEM chain) the way a TLS client that trusts only `bundle` (PEM)
 /// and connects to `server_name` would: chain, validity at `now`, name, serverAuth usage.
 pub fn check_trusted(
@@ -21,26 +48,28 @@ pub fn check_trusted(
     served_cert: &str,
     server_name: &str,
     now: SystemTime,
-) -> Result<(), String> {
+) -> Result<(), TrustError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        let cert = cert.map_err(|e| format!("the CA bundle is not PEM: {e}"))?;
+        let cert = cert.map_err(|e| TrustError::BundleNotPem(e.to_string()))?;
         roots
             .add(cert)
-            .map_err(|e| format!("the CA bundle holds an unusable certificate: {e}"))?;
+            .map_err(|e| TrustError::BundleUnusable(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err("the CA bundle is empty".to_owned());
+        return Err(TrustError::EmptyBundle);
     }
     let chain = CertificateDer::pem_slice_iter(served_cert.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the served certificate is not PEM: {e}"))?;
-    let (leaf, intermediates) = chain.split_first().ok_or("no certificate is served")?;
-    let name = ServerName::try_from(server_name.to_owned())
-        .map_err(|e| format!("{server_name:?} is not a DNS name or IP address: {e}"))?;
+        .map_err(|e| TrustError::ServedNotPem(e.to_string()))?;
+    let (leaf, intermediates) = chain.split_first().ok_or(TrustError::NothingServed)?;
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| TrustError::BadName {
+        name: server_name.to_owned(),
+        error: e.to_string(),
+    })?;
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), tls::provider())
         .build()
-        .map_err(|e| format!("building a verifier: {e}"))?;
+        .map_err(|e| TrustError::Verifier(e.to_string()))?;
     let since_epoch = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -53,7 +82,7 @@ pub fn check_trusted(
             UnixTime::since_unix_epoch(since_epoch),
         )
         .map(drop)
-        .map_err(|e| format!("{e}"))
+        .map_err(|e| TrustError::Refused(e.to_string()))
 }
 
 /// The PEM `caBundle` of each webhook of `config` (empty when it has none).
@@ -80,14 +109,16 @@ pub fn trusted_by_every_webhook(
     served_cert: &str,
     server_name: &str,
     now: SystemTime,
-) -> Result<(), String> {
+) -> Result<(), TrustError> {
     let bundles = ca_bundles(config);
     if bundles.is_empty() {
-        return Err("the webhook configuration has no webhooks".to_owned());
+        return Err(TrustError::NoWebhooks);
     }
     for (webhook, bundle) in bundles {
-        check_trusted(&bundle, served_cert, server_name, now)
-            .map_err(|e| format!("webhook {webhook} would not trust it: {e}"))?;
+        check_trusted(&bundle, served_cert, server_name, now).map_err(|e| TrustError::Webhook {
+            webhook,
+            error: Box::new(e),
+        })?;
     }
     Ok(())
 }
@@ -97,67 +128,10 @@ pub fn ca_bundle_json(pem: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(pem)
 }
 
-/// The `/readyz` answer: ready only while the served certificate is trusted, and never again
-/// once shutdown began (a late certificate check must not undo the drain).
-#[derive(Clone)]
-pub struct Readiness {
-    ready: Arc<AtomicBool>,
-    gate: Arc<Mutex<Gate>>,
-}
-
-#[derive(Default)]
-struct Gate {
-    trusted: bool,
-    stopping: bool,
-}
-
-impl Readiness {
-    /// Drives `ready` (the flag `/readyz` reads), which starts false.
-    pub fn new(ready: Arc<AtomicBool>) -> Self {
-        ready.store(false, Ordering::Release);
-        Self {
-            ready,
-            gate: Arc::default(),
-        }
-    }
-
-    /// Records whether the served certificate is trusted; returns whether that changed.
-    pub fn set_trusted(&self, trusted: bool) -> bool {
-        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = gate.trusted != trusted;
-        gate.trusted = trusted;
-        if !gate.stopping {
-            self.ready.store(trusted, Ordering::Release);
-        }
-        changed
-    }
-
-    pub fn trusted(&self) -> bool {
-        self.gate.lock().unwrap_or_else(|p| p.into_inner()).trusted
-    }
-
-    /// Not ready from now on, whatever certificate checks say.
-    pub fn stop(&self) {
-        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        gate.stopping = true;
-        self.ready.store(false, Ordering::Release);
-    }
-
-    /// Resolves on SIGTERM or Ctrl-C: reports not ready at once, then waits `delay` so that
-    /// endpoints drop this pod before the server stops accepting connections.
-    pub async fn shutdown_signal(self, delay: Duration) {
-        crate::server::termination_signal().await;
-        self.stop();
-        if !delay.is_zero() {
-            tracing::info!(delay = ?delay, "shutting down: not ready, waiting before draining");
-            tokio::time::sleep(delay).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_certificate_is_trusted_only_by_a_bundle_with_its_ca_and_for_its_names() {
@@ -170,35 +144,19 @@ mod tests {
         check_trusted(&ca.cert, &pair.cert, "127.0.0.1", now).unwrap();
         let both = format!("{}{}", other.cert, ca.cert);
         check_trusted(&both, &pair.cert, "kips.ns.svc", now).unwrap();
-        let err = check_trusted(&other.cert, &pair.cert, "kips.ns.svc", now).unwrap_err();
+        let err = check_trusted(&other.cert, &pair.cert, "kips.ns.svc", now)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("UnknownIssuer"), "{err}");
-        let err = check_trusted(&ca.cert, &pair.cert, "other.ns.svc", now).unwrap_err();
+        let err = check_trusted(&ca.cert, &pair.cert, "other.ns.svc", now)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not valid for name \"other.ns.svc\""), "{err}");
         let later = now + Duration::from_secs(7200);
         assert!(check_trusted(&ca.cert, &pair.cert, "kips.ns.svc", later).is_err());
         assert_eq!(
             check_trusted("", &pair.cert, "kips.ns.svc", now).unwrap_err(),
-            "the CA bundle is empty"
-        );
-    }
-
-    #[test]
-    fn readiness_follows_trust_until_shutdown() {
-        let flag = Arc::new(AtomicBool::new(true));
-        let readiness = Readiness::new(flag.clone());
-        assert!(
-            !flag.load(Ordering::Acquire),
-            "not ready before the first check"
-        );
-        assert!(readiness.set_trusted(true));
-        assert!(flag.load(Ordering::Acquire));
-        assert!(!readiness.set_trusted(true));
-        readiness.stop();
-        assert!(!flag.load(Ordering::Acquire));
-        readiness.set_trusted(true);
-        assert!(
-            !flag.load(Ordering::Acquire),
-            "a check after shutdown began"
+            TrustError::EmptyBundle
         );
     }
 }

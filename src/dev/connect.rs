@@ -14,19 +14,19 @@ use k8s_openapi::api::core::v1::Secret;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::ConnectArgs;
+use super::ConnectConfig;
 use super::hosts::{self, HostsFile};
 use super::laptop::{self, LaptopPlan, Printable};
-use super::workload::{self, Object};
-use crate::annotations::STATUS;
-use crate::inject::bridge::CONNECTION_STRING_ENV;
-use crate::inject::status::InjectionStatus;
-use crate::inject::{CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
+use crate::annotations::{InjectionStatus, STATUS};
+use crate::bridge::CONNECTION_STRING_ENV;
+use crate::inject::{AZBRIDGE_VERSION, CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
+use crate::k8s::Kube;
+use crate::workload::Workload;
 
 /// How long azbridge gets to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-pub async fn run(args: ConnectArgs) -> Result<()> {
+pub async fn run(args: ConnectConfig) -> Result<()> {
     let (object, namespace, kube) = load(&args).await?;
     let target = object.reference();
     let kips = object.kips().map_err(|e| anyhow!("{target}: {e}"))?;
@@ -38,7 +38,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     let template_status: Option<InjectionStatus> = object
         .template_annotations()
         .get(STATUS)
-        .and_then(|s| serde_json::from_str(s).ok());
+        .and_then(|s| InjectionStatus::from_json(s));
     let hosts_file = HostsFile::new(&args.hosts_file);
     let needs_hosts = !kips.reverses.is_empty();
     let plan_with = |taken: &BTreeSet<Ipv4Addr>| -> Result<LaptopPlan> {
@@ -198,7 +198,7 @@ fn exit_code(status: ExitStatus) -> i32 {
 }
 
 /// Loads the workload from a manifest or the cluster; the client is kept for the Secret.
-async fn load(args: &ConnectArgs) -> Result<(Object, String, Option<super::kube::Kube>)> {
+async fn load(args: &ConnectConfig) -> Result<(Workload, String, Option<Kube>)> {
     if let Some(file) = &args.file {
         let text = if file.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin()).context("reading the manifest from stdin")?
@@ -206,7 +206,7 @@ async fn load(args: &ConnectArgs) -> Result<(Object, String, Option<super::kube:
             std::fs::read_to_string(file)
                 .with_context(|| format!("reading the manifest {}", file.display()))?
         };
-        let object = workload::from_manifest(&text, &args.workload, &file.display().to_string())?;
+        let object = Workload::from_manifest(&text, &args.workload, &file.display().to_string())?;
         let namespace = args
             .kube
             .namespace
@@ -214,22 +214,22 @@ async fn load(args: &ConnectArgs) -> Result<(Object, String, Option<super::kube:
             .or_else(|| object.namespace().map(str::to_owned))
             .unwrap_or_else(|| "default".to_owned());
         let kube = if args.connection_string_from_secret.is_some() && !args.print {
-            Some(args.kube.connect().await?)
+            Some(super::client(&args.kube).await?)
         } else {
             None
         };
         return Ok((object, namespace, kube));
     }
-    let kube = args.kube.connect().await?;
-    let object = super::fetch(&kube, &args.workload).await?;
+    let kube = super::client(&args.kube).await?;
+    let object = kube.workload(&args.workload).await?;
     Ok((object, kube.namespace.clone(), Some(kube)))
 }
 
 /// `$KIPS_RELAY_CONNECTION_STRING`, or the Secret with `--connection-string-from-secret`.
 async fn connection_string(
-    args: &ConnectArgs,
-    object: &Object,
-    kube: Option<&super::kube::Kube>,
+    args: &ConnectConfig,
+    object: &Workload,
+    kube: Option<&Kube>,
     namespace: &str,
 ) -> Result<String> {
     if let Some(name) = &args.connection_string_from_secret {
@@ -244,7 +244,9 @@ async fn connection_string(
         };
         let kube =
             kube.ok_or_else(|| anyhow!("--connection-string-from-secret needs the cluster"))?;
-        let secret = kube::Api::<Secret>::namespaced(kube.client.clone(), namespace)
+        let secret = kube
+            .in_namespace(namespace)
+            .api::<Secret>()
             .get(&name)
             .await
             .map_err(|e| kube.explain(e, &format!("Secret {name}")))?;
@@ -275,7 +277,7 @@ async fn connection_string(
 }
 
 fn install_hint() -> String {
-    let version = crate::AZBRIDGE_VERSION;
+    let version = AZBRIDGE_VERSION;
     let rid = match (std::env::consts::OS, std::env::consts::ARCH) {
         ("macos", "aarch64") => "osx-arm64",
         ("macos", _) => "osx-x64",
@@ -390,7 +392,7 @@ impl Drop for HostsGuard {
     }
 }
 
-fn print_plan(args: &ConnectArgs, label: &str, plan: &LaptopPlan) {
+fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
     let program = args
         .azbridge
         .as_ref()

@@ -1,6 +1,7 @@
 //! What `kips connect` runs on the developer's machine, decided from the workload alone.
-//! Pure: the ports and relays of each redirect, the loopback address and hosts-file line of
-//! each reverse entry, and the azbridge command line.
+//! Pure: the local port of each redirect, the loopback address and hosts-file line of each
+//! reverse entry, and the bridge's command line — the mirror image of the sidecar, from the
+//! same [routes](crate::bridge::routes).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -9,14 +10,17 @@ use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::PodSpec;
 
-use crate::annotations::{KipsAnnotations, PortRef, Protocol, RelayName, Reverse};
-use crate::inject::bridge::{LocalPort, LocalReverse, binding_name, laptop_args};
-use crate::inject::status::InjectionStatus;
-use crate::inject::{BRIDGE_CONTAINER, INIT_CONTAINER};
+use crate::annotations::{
+    InjectionStatus, KipsAnnotations, PortRef, PortRefError, Protocol, Redirect,
+};
+use crate::bridge::command_line::{LaptopPort, LaptopReverse, laptop_args};
+use crate::bridge::routes::{DeclaredPort, RedirectRoute, RelayError, ReverseRoute, resolve_port};
 
 /// The loopback range reverse entries get their addresses from (`127.77.0.1` upwards):
 /// away from `127.0.0.1` and the `127.0.1.1` Debian gives the host name.
-pub const REVERSE_NET: [u8; 2] = [127, 77];
+const REVERSE_NET: [u8; 2] = [127, 77];
+
+const PORT_MAP_FORM: &str = "expected <port>[/udp]=<local port>, e.g. 8080=3000 or http=3000";
 
 /// `--port-map <port>=<local>`: serve the redirect of `<port>` (a number or a port name, as
 /// the annotation or the container names it; `/udp` for UDP) on `localhost:<local>`.
@@ -27,31 +31,47 @@ pub struct PortMapping {
     pub local: u16,
 }
 
+/// A `--port-map` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortMappingError {
+    #[error("--port-map \"{0}\" has no '=' ({PORT_MAP_FORM})")]
+    NoEquals(String),
+    #[error("--port-map \"{text}\": protocol \"{protocol}\" is not tcp or udp ({PORT_MAP_FORM})")]
+    Protocol { text: String, protocol: String },
+    #[error("--port-map \"{text}\": {error}")]
+    Port { text: String, error: PortRefError },
+    #[error("--port-map \"{text}\": local port \"{local}\" is not a number 1-65535")]
+    Local { text: String, local: String },
+}
+
 impl FromStr for PortMapping {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let form = "expected <port>[/udp]=<local port>, e.g. 8080=3000 or http=3000";
+    type Err = PortMappingError;
+    fn from_str(text: &str) -> Result<Self, PortMappingError> {
         let (key, local) = text
             .split_once('=')
-            .ok_or_else(|| format!("--port-map \"{text}\" has no '=' ({form})"))?;
+            .ok_or_else(|| PortMappingError::NoEquals(text.to_owned()))?;
         let (port, protocol) = match key.rsplit_once('/') {
             Some((port, "udp" | "UDP")) => (port, Some(Protocol::Udp)),
             Some((port, "tcp" | "TCP")) => (port, Some(Protocol::Tcp)),
             Some((_, other)) => {
-                return Err(format!(
-                    "--port-map \"{text}\": protocol \"{other}\" is not tcp or udp ({form})"
-                ));
+                return Err(PortMappingError::Protocol {
+                    text: text.to_owned(),
+                    protocol: other.to_owned(),
+                });
             }
             None => (key, None),
         };
-        let port =
-            PortRef::parse(port.trim()).map_err(|e| format!("--port-map \"{text}\": {e}"))?;
+        let port = PortRef::parse(port.trim()).map_err(|error| PortMappingError::Port {
+            text: text.to_owned(),
+            error,
+        })?;
         let local = match PortRef::parse(local.trim()) {
             Ok(PortRef::Number(n)) => n,
             _ => {
-                return Err(format!(
-                    "--port-map \"{text}\": local port \"{local}\" is not a number 1-65535"
-                ));
+                return Err(PortMappingError::Local {
+                    text: text.to_owned(),
+                    local: local.to_owned(),
+                });
             }
         };
         Ok(PortMapping {
@@ -62,10 +82,34 @@ impl FromStr for PortMapping {
     }
 }
 
+/// Why the laptop side cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaptopError {
+    #[error("redirect \"{redirect}\" has no relay and the workload name cannot be one: {error}")]
+    Relay {
+        redirect: Redirect,
+        error: RelayError,
+    },
+    #[error(
+        "redirect \"{redirect}\" names port \"{}\", and no container of the pod template declares it{}; say which local port serves it with --port-map {}=<local port>",
+        .redirect.port,
+        if .redirect.protocol == Protocol::Udp { " (UDP)" } else { "" },
+        .redirect.port
+    )]
+    UnresolvedPort { redirect: Redirect },
+    #[error(
+        "--port-map {}={}: the workload redirects no port {} (it redirects: {})",
+        .mapping.port, .mapping.local, .mapping.port, .known
+    )]
+    UnusedMapping { mapping: PortMapping, known: String },
+    #[error("no free loopback address left in {}.{}.0.0/16", REVERSE_NET[0], REVERSE_NET[1])]
+    NoAddress,
+}
+
 /// One reverse entry as the laptop serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReverseEntry {
-    pub local: LocalReverse,
+    pub local: LaptopReverse,
     /// True when the host is a DNS name, which gets a hosts-file line; an IP address can only
     /// be reached at the loopback address itself.
     pub named: bool,
@@ -74,7 +118,7 @@ pub struct ReverseEntry {
 /// Everything `kips connect` decided, before it touches the machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaptopPlan {
-    pub ports: Vec<LocalPort>,
+    pub ports: Vec<LaptopPort>,
     pub reverses: Vec<ReverseEntry>,
 }
 
@@ -89,9 +133,9 @@ pub struct HostsEntry {
 }
 
 impl LaptopPlan {
-    /// azbridge's arguments, without `-x`.
+    /// The bridge's arguments, without `-x`.
     pub fn args(&self) -> Vec<String> {
-        let reverses: Vec<LocalReverse> = self.reverses.iter().map(|r| r.local.clone()).collect();
+        let reverses: Vec<LaptopReverse> = self.reverses.iter().map(|r| r.local.clone()).collect();
         laptop_args(&self.ports, &reverses)
     }
 
@@ -100,7 +144,7 @@ impl LaptopPlan {
             .iter()
             .map(|r| HostsEntry {
                 address: r.local.address,
-                host: r.local.reverse.host.clone(),
+                host: r.local.route.reverse.host.clone(),
                 named: r.named,
             })
             .collect()
@@ -110,17 +154,17 @@ impl LaptopPlan {
     pub fn describe(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for port in &self.ports {
-            let proto = match port.protocol {
+            let proto = match port.route.protocol {
                 Protocol::Tcp => "",
                 Protocol::Udp => "/udp",
             };
             lines.push(format!(
                 "redirect: cluster port {}{proto} -> relay {} -> localhost:{}{proto}",
-                port.port, port.relay, port.local_port
+                port.route.port, port.route.relay, port.local_port
             ));
         }
         for entry in &self.reverses {
-            let r = &entry.local.reverse;
+            let r = &entry.local.route.reverse;
             let reach = if entry.named {
                 format!(
                     "{}:{} (hosts file: {} -> {})",
@@ -149,21 +193,26 @@ pub fn plan(
     status: Option<&InjectionStatus>,
     port_map: &[PortMapping],
     taken: &BTreeSet<Ipv4Addr>,
-) -> Result<LaptopPlan, String> {
+) -> Result<LaptopPlan, LaptopError> {
+    let declared = spec.map(DeclaredPort::of_spec).unwrap_or_default();
+    let renamed = status
+        .map(|s| s.renamed_ports.as_slice())
+        .unwrap_or_default();
     let mut used_mappings = vec![false; port_map.len()];
     let mut ports = Vec::new();
     for redirect in &annotations.redirects {
-        let relay = match &redirect.relay {
-            Some(relay) => relay.clone(),
-            None => RelayName::parse(workload_name).map_err(|e| {
-                format!(
-                    "redirect \"{redirect}\" has no relay and the workload name cannot be one: {e}"
-                )
-            })?,
-        };
-        let number = match &redirect.port {
-            PortRef::Number(n) => Some(*n),
-            PortRef::Name(name) => resolve_named_port(spec, status, name, redirect.protocol),
+        let route = RedirectRoute::new(redirect, Some(workload_name)).map_err(|error| {
+            LaptopError::Relay {
+                redirect: redirect.clone(),
+                error,
+            }
+        })?;
+        let number = match resolve_port(&declared, renamed, &redirect.port, redirect.protocol) {
+            Ok(Some((_, number))) => Some(number),
+            Ok(None) | Err(_) => match redirect.port {
+                PortRef::Number(n) => Some(n),
+                PortRef::Name(_) => None,
+            },
         };
         let mapped = port_map.iter().enumerate().find(|(_, m)| {
             m.protocol.is_none_or(|p| p == redirect.protocol)
@@ -177,23 +226,12 @@ pub fn plan(
             }
             (None, Some(n)) => n,
             (None, None) => {
-                return Err(format!(
-                    "redirect \"{redirect}\" names port \"{}\", and no container of the pod template declares it{}; say which local port serves it with --port-map {}=<local port>",
-                    redirect.port,
-                    match redirect.protocol {
-                        Protocol::Tcp => "",
-                        Protocol::Udp => " (UDP)",
-                    },
-                    redirect.port
-                ));
+                return Err(LaptopError::UnresolvedPort {
+                    redirect: redirect.clone(),
+                });
             }
         };
-        ports.push(LocalPort {
-            relay,
-            port: redirect.port.clone(),
-            protocol: redirect.protocol,
-            local_port,
-        });
+        ports.push(LaptopPort { route, local_port });
     }
     if let Some((mapping, _)) = port_map
         .iter()
@@ -205,17 +243,14 @@ pub fn plan(
             .iter()
             .map(|r| r.port.to_string())
             .collect();
-        return Err(format!(
-            "--port-map {}={}: the workload redirects no port {} (it redirects: {})",
-            mapping.port,
-            mapping.local,
-            mapping.port,
-            if known.is_empty() {
+        return Err(LaptopError::UnusedMapping {
+            mapping: mapping.clone(),
+            known: if known.is_empty() {
                 "none".to_owned()
             } else {
                 known.join(", ")
-            }
-        ));
+            },
+        });
     }
 
     let addresses = free_addresses(annotations.reverses.len(), taken)?;
@@ -225,8 +260,8 @@ pub fn plan(
         .zip(addresses)
         .map(|(reverse, address)| ReverseEntry {
             named: reverse.host.parse::<std::net::IpAddr>().is_err(),
-            local: LocalReverse {
-                reverse: reverse.clone(),
+            local: LaptopReverse {
+                route: ReverseRoute::new(reverse),
                 address,
             },
         })
@@ -234,34 +269,8 @@ pub fn plan(
     Ok(LaptopPlan { ports, reverses })
 }
 
-/// The container port named `name` (kips' own containers excepted); in a template rendered by
-/// `kips inject` the app's port was renamed, which `status` records.
-fn resolve_named_port(
-    spec: Option<&PodSpec>,
-    status: Option<&InjectionStatus>,
-    name: &str,
-    protocol: Protocol,
-) -> Option<u16> {
-    let find = |wanted: &str| -> Option<u16> {
-        spec?
-            .containers
-            .iter()
-            .filter(|c| c.name != BRIDGE_CONTAINER && c.name != INIT_CONTAINER)
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| {
-                p.name.as_deref() == Some(wanted)
-                    && Protocol::from_kubernetes(p.protocol.as_deref()) == Some(protocol)
-            })
-            .and_then(|p| u16::try_from(p.container_port).ok())
-    };
-    find(name).or_else(|| {
-        let renamed = status?.renamed_ports.iter().find(|r| r.from == name)?;
-        find(&renamed.to)
-    })
-}
-
 /// `count` loopback addresses in 127.77.0.0/16 that `taken` does not hold.
-pub fn free_addresses(count: usize, taken: &BTreeSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, String> {
+fn free_addresses(count: usize, taken: &BTreeSet<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, LaptopError> {
     let [a, b] = REVERSE_NET;
     let free: Vec<Ipv4Addr> = (1u16..=65534)
         .map(|n| Ipv4Addr::new(a, b, (n >> 8) as u8, n as u8))
@@ -269,17 +278,9 @@ pub fn free_addresses(count: usize, taken: &BTreeSet<Ipv4Addr>) -> Result<Vec<Ip
         .take(count)
         .collect();
     if free.len() < count {
-        return Err(format!("no free loopback address left in {a}.{b}.0.0/16"));
+        return Err(LaptopError::NoAddress);
     }
     Ok(free)
-}
-
-/// The binding names of a plan, for messages: which `-L` of the sidecar each `-T` meets.
-pub fn binding_names(plan: &LaptopPlan) -> Vec<String> {
-    plan.ports
-        .iter()
-        .map(|p| binding_name(&p.port, p.protocol))
-        .collect()
 }
 
 /// A command line as a shell would need it, with the connection string redacted.
@@ -305,7 +306,7 @@ impl fmt::Display for Printable<'_> {
     }
 }
 
-pub fn shell_quote(text: &str) -> String {
+fn shell_quote(text: &str) -> String {
     let safe = !text.is_empty()
         && text
             .bytes()
@@ -317,16 +318,11 @@ pub fn shell_quote(text: &str) -> String {
     }
 }
 
-/// The reverse entries of a plan, for tests and messages.
-pub fn reverses(plan: &LaptopPlan) -> Vec<&Reverse> {
-    plan.reverses.iter().map(|r| &r.local.reverse).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::annotations::RenamedPort;
     use crate::annotations::{PORT_MODE, REDIRECT, REVERSE};
-    use crate::inject::status::RenamedPort;
     use serde_json::json;
 
     fn spec() -> PodSpec {
@@ -395,8 +391,13 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(binding_names(&plan), ["port8080", "metrics", "dns-udp"]);
-        assert_eq!(reverses(&plan).len(), 2);
+        let names: Vec<String> = plan
+            .ports
+            .iter()
+            .map(|p| p.route.name.to_string())
+            .collect();
+        assert_eq!(names, ["port8080", "metrics", "dns-udp"]);
+        assert_eq!(plan.reverses.len(), 2);
         let text = plan.describe().join("\n");
         assert!(
             text.contains("reverse: postgres.data.svc:5432 (hosts file"),
@@ -444,7 +445,8 @@ mod tests {
             &[],
             &BTreeSet::new(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--port-map grpc=<local port>"), "{err}");
         // kips' own sidecar port names never count.
         let err = plan(
@@ -455,7 +457,8 @@ mod tests {
             &[],
             &BTreeSet::new(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("names port \"web\""), "{err}");
         let err = plan(
             "api",
@@ -465,7 +468,8 @@ mod tests {
             &["9999=1".parse().unwrap()],
             &BTreeSet::new(),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("redirects no port 9999 (it redirects: 8080)"),
             "{err}"
@@ -518,18 +522,21 @@ mod tests {
             "8080"
                 .parse::<PortMapping>()
                 .unwrap_err()
+                .to_string()
                 .contains("has no '='")
         );
         assert!(
             "8080=x"
                 .parse::<PortMapping>()
                 .unwrap_err()
+                .to_string()
                 .contains("local port \"x\"")
         );
         assert!(
             "8080/sctp=1"
                 .parse::<PortMapping>()
                 .unwrap_err()
+                .to_string()
                 .contains("\"sctp\"")
         );
     }

@@ -17,12 +17,11 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::ListParams;
 
-use super::kube::Kube;
-use super::target::WorkloadRef;
-use super::workload::Object;
-use crate::annotations::{COPIED, KipsAnnotations, PREFIX, STATUS};
-use crate::inject::bridge::CONNECTION_STRING_ENV;
-use crate::inject::{BRIDGE_CONTAINER, DEFAULT_RELAY_SECRET};
+use crate::annotations::{BRIDGE_CONTAINER, STATUS};
+use crate::bridge::CONNECTION_STRING_ENV;
+use crate::inject::DEFAULT_RELAY_SECRET;
+use crate::k8s::{K8sError, Kube};
+use crate::workload::{Workload, WorkloadRef};
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
 /// Waiting reasons of a container that do not go away by waiting.
@@ -252,21 +251,10 @@ pub fn pod_state(pod: &Pod) -> PodState {
     }
 }
 
-/// True when the template's own annotations (the webhook's copies or the user's) ask for
-/// injection.
-pub fn template_wants(object: &Object) -> bool {
-    let pairs = object
-        .template_annotations()
-        .iter()
-        .filter(|(k, _)| k.starts_with(PREFIX) && *k != COPIED && *k != STATUS)
-        .map(|(k, v)| (k.as_str(), v.as_str()));
-    KipsAnnotations::parse(pairs).is_ok_and(|a| a.wants_injection())
-}
-
 /// Builds the snapshot of one workload from what was read. `rejected` is a pod-creation
 /// failure taken from events (StatefulSets and DaemonSets have no condition for it).
 pub fn snapshot(
-    object: &Object,
+    object: &Workload,
     replica_sets: &[ReplicaSet],
     pods: &[Pod],
     min_generation: Option<i64>,
@@ -280,13 +268,13 @@ pub fn snapshot(
         .max(min_generation.unwrap_or(0));
     let mut snap = Snapshot {
         workload: object.reference().to_string(),
-        template_wants: template_wants(object),
+        template_wants: object.kips_annotations().template_wants_injection(),
         blocked: rejected.map(|m| format!("pods rejected: {m}")),
         ..Default::default()
     };
     let pods: Vec<&Pod> = pods.iter().filter(|p| active(p)).collect();
     match object {
-        Object::Deployment(d) => {
+        Workload::Deployment(d) => {
             let spec = d.spec.as_ref();
             let status = d.status.as_ref();
             snap.desired = spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
@@ -356,7 +344,7 @@ pub fn snapshot(
                 ));
             }
         }
-        Object::StatefulSet(s) => {
+        Workload::StatefulSet(s) => {
             let spec = s.spec.as_ref();
             let status = s.status.as_ref();
             snap.desired = spec.and_then(|s| s.replicas).unwrap_or(1).max(0) as usize;
@@ -375,7 +363,7 @@ pub fn snapshot(
                 strategy,
             );
         }
-        Object::DaemonSet(d) => {
+        Workload::DaemonSet(d) => {
             let spec = d.spec.as_ref();
             let status = d.status.as_ref();
             snap.desired = status.map_or(0, |s| s.desired_number_scheduled.max(0) as usize);
@@ -420,7 +408,7 @@ pub fn selector_string(selector: &LabelSelector) -> String {
 
 /// The relay Secret the pods use: from an injected pod's `kips-bridge` (the webhook's
 /// configured default included), else the annotation, else kips' default.
-pub fn relay_secret_name(object: &Object, pods: &[Pod]) -> String {
+pub fn relay_secret_name(object: &Workload, pods: &[Pod]) -> String {
     let from_pod = pods.iter().find_map(|pod| {
         let spec = pod.spec.as_ref()?;
         spec.init_containers
@@ -445,27 +433,22 @@ pub fn relay_secret_name(object: &Object, pods: &[Pod]) -> String {
 
 /// Everything read about one workload in one poll.
 pub struct Observed {
-    pub object: Object,
+    pub object: Workload,
     pub replica_sets: Vec<ReplicaSet>,
     pub pods: Vec<Pod>,
 }
 
 /// Reads the workload, its ReplicaSets and its pods.
-pub async fn observe(kube: &Kube, target: &WorkloadRef) -> Result<Observed> {
-    let object = super::fetch(kube, target).await?;
+pub async fn observe(kube: &Kube, target: &WorkloadRef) -> Result<Observed, K8sError> {
+    let object = kube.workload(target).await?;
     let selector = object.selector().map(selector_string).unwrap_or_default();
     let params = ListParams::default().labels(&selector);
-    let pods = Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace)
-        .list(&params)
-        .await
-        .map_err(|e| kube.explain(e, &format!("pods of {target}")))?
-        .items;
-    let replica_sets = if matches!(object, Object::Deployment(_)) {
-        Api::<ReplicaSet>::namespaced(kube.client.clone(), &kube.namespace)
-            .list(&params)
-            .await
-            .map_err(|e| kube.explain(e, &format!("ReplicaSets of {target}")))?
-            .items
+    let pods = kube
+        .list::<Pod, Pod>(false, &format!("pods of {target}"), &params)
+        .await?;
+    let replica_sets = if matches!(object, Workload::Deployment(_)) {
+        kube.list::<ReplicaSet, ReplicaSet>(false, &format!("ReplicaSets of {target}"), &params)
+            .await?
     } else {
         Vec::new()
     };
@@ -478,8 +461,7 @@ pub async fn observe(kube: &Kube, target: &WorkloadRef) -> Result<Observed> {
 
 /// `None` when the Secret exists or cannot be checked (no permission: say nothing).
 pub async fn missing_secret(kube: &Kube, name: &str) -> Option<String> {
-    let api = Api::<Secret>::namespaced(kube.client.clone(), &kube.namespace);
-    match api.get_metadata_opt(name).await {
+    match kube.api::<Secret>().get_metadata_opt(name).await {
         Ok(Some(_)) => None,
         Ok(None) => Some(format!(
             "the relay Secret \"{name}\" does not exist in namespace {ns}: the injected pods cannot start. Create it (kubectl create secret generic {name} -n {ns} --from-literal=connectionString='Endpoint=sb://...'), then run the command again, or undo with kips revert",
@@ -491,8 +473,8 @@ pub async fn missing_secret(kube: &Kube, name: &str) -> Option<String> {
 
 /// The newest `FailedCreate` event of the workload since `since` (StatefulSets and DaemonSets
 /// report rejected pods only through events).
-pub async fn rejection_event(kube: &Kube, object: &Object, since: Timestamp) -> Option<String> {
-    if matches!(object, Object::Deployment(_)) {
+pub async fn rejection_event(kube: &Kube, object: &Workload, since: Timestamp) -> Option<String> {
+    if matches!(object, Workload::Deployment(_)) {
         return None;
     }
     let uid = object.metadata().uid.clone()?;
@@ -600,12 +582,12 @@ pub async fn wait(
                     Verdict::Waiting(message) => last = message,
                 }
             }
-            // The workload itself is gone, or the request is refused for good.
-            Err(error) if error.to_string().contains("not found in namespace") => {
+            // The workload itself is gone: waiting cannot bring it back.
+            Err(error @ K8sError::NotFound { .. }) => {
                 progress.finish();
-                return Err(error);
+                return Err(error.into());
             }
-            Err(error) => last = format!("{target}: {error:#} (retrying)"),
+            Err(error) => last = format!("{target}: {error} (retrying)"),
         }
         progress.update(&last);
         if started.elapsed() >= timeout {
@@ -622,10 +604,11 @@ pub async fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::annotations::COPIED;
     use serde_json::{Value, json};
 
-    fn deployment(generation: i64, observed: i64, revision: &str, template: Value) -> Object {
-        Object::from_value(json!({
+    fn deployment(generation: i64, observed: i64, revision: &str, template: Value) -> Workload {
+        Workload::from_value(json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "api", "namespace": "dev", "uid": "d-1", "generation": generation,
                          "annotations": {REVISION: revision}},

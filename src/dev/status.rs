@@ -8,9 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 
 use super::rollout::{self, Verdict, snapshot};
-use super::workload::Object;
-use crate::annotations::STATUS;
-use crate::inject::status::InjectionStatus;
+use crate::annotations::{InjectionStatus, STATUS};
+use crate::workload::Workload;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -45,7 +44,7 @@ pub struct Rollout {
 
 /// The row of one workload, or `None` when it has nothing of kips: no kips annotations and
 /// no injected pods (a revert that finished).
-pub fn row(object: &Object, replica_sets: &[ReplicaSet], pods: &[Pod]) -> Option<Row> {
+pub fn row(object: &Workload, replica_sets: &[ReplicaSet], pods: &[Pod]) -> Option<Row> {
     let kips = object.kips();
     let wants = kips.as_ref().is_ok_and(|k| k.wants_injection());
     let snap = snapshot(object, replica_sets, pods, None, None);
@@ -70,12 +69,12 @@ pub fn row(object: &Object, replica_sets: &[ReplicaSet], pods: &[Pod]) -> Option
     let port_mode = owned
         .iter()
         .filter_map(|p| p.metadata.annotations.as_ref()?.get(STATUS))
-        .filter_map(|s| serde_json::from_str::<InjectionStatus>(s).ok())
+        .filter_map(|s| InjectionStatus::from_json(s))
         .find_map(|s| s.port_mode);
     let rollout = match (&kips, rollout::assess(&snap, wants)) {
         (Err(problem), _) => Rollout {
             state: "failed",
-            message: problem.clone(),
+            message: problem.to_string(),
         },
         (_, Verdict::Done(m)) => Rollout {
             state: "complete",
@@ -219,7 +218,7 @@ pub fn render_table(rows: &[Row]) -> String {
 }
 
 /// Groups what was listed by namespace, for [`row`].
-pub fn rows(objects: &[Object], replica_sets: &[ReplicaSet], pods: &[Pod]) -> Vec<Row> {
+pub fn rows(objects: &[Workload], replica_sets: &[ReplicaSet], pods: &[Pod]) -> Vec<Row> {
     let by_ns = |ns: Option<&str>| ns.unwrap_or_default().to_owned();
     let mut sets: BTreeMap<String, Vec<ReplicaSet>> = BTreeMap::new();
     for rs in replica_sets {
@@ -254,8 +253,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn deployment(annotations: serde_json::Value, template: serde_json::Value) -> Object {
-        Object::from_value(json!({
+    fn deployment(annotations: serde_json::Value, template: serde_json::Value) -> Workload {
+        Workload::from_value(json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": {"name": "api", "namespace": "dev", "uid": "d-1", "generation": 2,
                          "annotations": annotations},
@@ -322,7 +321,7 @@ mod tests {
         assert_eq!(json["portModeRequested"], "auto");
 
         // Reverted, rollout finished: no row.
-        if let Object::Deployment(dep) = &mut d {
+        if let Workload::Deployment(dep) = &mut d {
             dep.metadata.annotations = Some(
                 [(
                     "deployment.kubernetes.io/revision".to_owned(),

@@ -10,7 +10,7 @@ use super::system::Privileges;
 
 /// Which kernel API the iptables tools drive. Rules must go through the one the node uses,
 /// or their order against other rules is not what it seems.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Nft,
     Legacy,
@@ -26,11 +26,47 @@ impl fmt::Display for Backend {
 }
 
 /// `--backend`: a fixed backend, or `auto` to detect it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendChoice {
     Auto,
     Nft,
     Legacy,
+}
+
+impl BackendChoice {
+    /// Every choice, as written on the command line.
+    pub const NAMES: [&str; 3] = ["auto", "nft", "legacy"];
+}
+
+/// A `--backend` value that is none of [`BackendChoice::NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not an iptables backend (auto, nft, legacy)")]
+pub struct BackendChoiceError(String);
+
+impl std::str::FromStr for BackendChoice {
+    type Err = BackendChoiceError;
+    fn from_str(text: &str) -> Result<Self, BackendChoiceError> {
+        match text {
+            "auto" => Ok(BackendChoice::Auto),
+            "nft" => Ok(BackendChoice::Nft),
+            "legacy" => Ok(BackendChoice::Legacy),
+            other => Err(BackendChoiceError(other.to_owned())),
+        }
+    }
+}
+
+/// An iptables tool that could not do its job, said in terms of what must change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ToolError {
+    #[error(
+        "{0} is not installed (not found in PATH): the kips-init image must carry iptables with both the nft and legacy backends"
+    )]
+    NotInstalled(String),
+    #[error("cannot run {binary}: {error}")]
+    CannotRun { binary: String, error: String },
+    /// The tool ran and failed; the message says why (see [`explain_failure`]).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The number of rules one backend already holds in this network namespace (both families),
@@ -87,38 +123,39 @@ impl Tool {
     }
 
     /// The nat table as `iptables-save` prints it.
-    pub fn save_nat(&self) -> Result<String, String> {
+    pub fn save_nat(&self) -> Result<String, ToolError> {
         let output = self.checked("save", &["-t", "nat"], None)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Applies restore input in one transaction, leaving rules it does not name alone.
-    pub fn restore(&self, input: &str) -> Result<(), String> {
+    pub fn restore(&self, input: &str) -> Result<(), ToolError> {
         self.checked("restore", &["--noflush"], Some(input))
             .map(drop)
     }
 
-    fn checked(&self, verb: &str, args: &[&str], input: Option<&str>) -> Result<Output, String> {
+    fn checked(&self, verb: &str, args: &[&str], input: Option<&str>) -> Result<Output, ToolError> {
         let binary = self.binary(verb);
         let output = self.run(verb, args, input).map_err(|error| {
             if error.kind() == ErrorKind::NotFound {
-                format!(
-                    "{binary} is not installed (not found in PATH): the kips-init image must carry iptables with both the nft and legacy backends"
-                )
+                ToolError::NotInstalled(binary.clone())
             } else {
-                format!("cannot run {binary}: {error}")
+                ToolError::CannotRun {
+                    binary: binary.clone(),
+                    error: error.to_string(),
+                }
             }
         })?;
         if output.status.success() {
             Ok(output)
         } else {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            Err(explain_failure(
+            Err(ToolError::Failed(explain_failure(
                 self,
                 verb,
                 stderr.trim(),
                 super::system::own_privileges(),
-            ))
+            )))
         }
     }
 

@@ -60,22 +60,48 @@ pub struct RulePlan {
     pub redirects: Vec<PortRedirect>,
 }
 
+/// A redirect table that cannot be installed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("nothing to redirect: give at least one --redirect <app port>/<tcp|udp>=<listen port>")]
+    Nothing,
+    #[error(
+        "--redirect {redirect} conflicts with --redirect {earlier}: port {}/{} can go to one listen port only",
+        .redirect.app_port, .redirect.protocol
+    )]
+    Conflict {
+        redirect: PortRedirect,
+        earlier: PortRedirect,
+    },
+}
+
+/// A `--node-ips` value that is not a list of addresses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error(
+        "\"{0}\" is an unexpanded variable: the container's env must define it (the downward API's status.hostIPs)"
+    )]
+    Unexpanded(String),
+    #[error("\"{0}\" is not an IPv4 or IPv6 address (expected e.g. 10.0.0.5,fd00::5)")]
+    Invalid(String),
+}
+
 impl RulePlan {
     /// Checks the redirect table: at least one entry, and each app port once per protocol
     /// (a second rule for the same port could never match).
-    pub fn new(exempt_sources: &[IpAddr], redirects: &[PortRedirect]) -> Result<Self, String> {
+    pub fn new(exempt_sources: &[IpAddr], redirects: &[PortRedirect]) -> Result<Self, RuleError> {
         if redirects.is_empty() {
-            return Err("nothing to redirect: give at least one --redirect <app port>/<tcp|udp>=<listen port>".into());
+            return Err(RuleError::Nothing);
         }
         for (index, redirect) in redirects.iter().enumerate() {
             if let Some(earlier) = redirects[..index]
                 .iter()
                 .find(|r| r.app_port == redirect.app_port && r.protocol == redirect.protocol)
             {
-                return Err(format!(
-                    "--redirect {redirect} conflicts with --redirect {earlier}: port {}/{} can go to one listen port only",
-                    redirect.app_port, redirect.protocol
-                ));
+                return Err(RuleError::Conflict {
+                    redirect: *redirect,
+                    earlier: *earlier,
+                });
             }
         }
         let mut unique = Vec::with_capacity(exempt_sources.len());
@@ -150,21 +176,17 @@ pub fn removal_input() -> String {
 
 /// Parses the `--node-ips` value: comma-separated addresses, as the downward API renders
 /// `status.hostIPs`; empty means none.
-pub fn parse_address_list(text: &str) -> Result<Vec<IpAddr>, String> {
+pub fn parse_address_list(text: &str) -> Result<Vec<IpAddr>, AddressError> {
     if text.contains("$(") {
-        return Err(format!(
-            "\"{text}\" is an unexpanded variable: the container's env must define it (the downward API's status.hostIPs)"
-        ));
+        return Err(AddressError::Unexpanded(text.to_owned()));
     }
     text.split(',')
         .map(str::trim)
         .filter(|piece| !piece.is_empty())
         .map(|piece| {
-            piece.parse::<IpAddr>().map_err(|_| {
-                format!(
-                    "\"{piece}\" is not an IPv4 or IPv6 address (expected e.g. 10.0.0.5,fd00::5)"
-                )
-            })
+            piece
+                .parse::<IpAddr>()
+                .map_err(|_| AddressError::Invalid(piece.to_owned()))
         })
         .collect()
 }
@@ -244,10 +266,12 @@ mod tests {
         assert!(
             RulePlan::new(&[], &[])
                 .unwrap_err()
+                .to_string()
                 .contains("nothing to redirect")
         );
-        let error =
-            RulePlan::new(&[], &redirects(&["8080/tcp=15100", "8080/tcp=15101"])).unwrap_err();
+        let error = RulePlan::new(&[], &redirects(&["8080/tcp=15100", "8080/tcp=15101"]))
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("8080/tcp=15101 conflicts with --redirect 8080/tcp=15100"),
             "{error}"
@@ -266,12 +290,16 @@ mod tests {
                 "fd00::5".parse().unwrap()
             ]
         );
-        let error = parse_address_list("10.0.0.5,node-1").unwrap_err();
+        let error = parse_address_list("10.0.0.5,node-1")
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("\"node-1\" is not an IPv4 or IPv6 address"),
             "{error}"
         );
-        let error = parse_address_list("$(KIPS_NODE_IPS)").unwrap_err();
+        let error = parse_address_list("$(KIPS_NODE_IPS)")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("unexpanded variable"), "{error}");
     }
 }

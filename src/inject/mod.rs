@@ -1,27 +1,34 @@
 //! The pure core: annotated objects in, minimal JSON patches out. No I/O.
+//!
+//! - pods: [`plan`] decides (routes, ports, mode, renames), [`render`] writes the patch and
+//!   `kips.io/status`, [`reinvoke`] strips and re-renders a pod kips injected before;
+//! - workloads: [`workload`] validates and copies the annotations into the pod template;
+//! - [`view`] reads the request without deserialising whole objects; [`patch`] is the
+//!   JSON Patch kips answers with; [`ports`] the redirect table `kips init-net` takes.
 
-pub mod bridge;
-pub mod pod;
-pub mod ports;
-pub mod status;
-pub mod view;
-pub mod workload;
+pub(crate) mod patch;
+pub(crate) mod plan;
+pub(crate) mod ports;
+pub(crate) mod reinvoke;
+pub(crate) mod render;
+pub(crate) mod view;
+pub(crate) mod workload;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, PatchOperation, RemoveOperation, ReplaceOperation};
-use serde::ser::{Serialize, SerializeStruct, Serializer};
-use serde_json::Value;
-use serde_json::value::RawValue;
+#[cfg(test)]
+mod tests;
 
-use crate::annotations::PortMode;
+use crate::annotations::{KipsAnnotations, PortMode, STATUS, has_kips_key, is_kips_container};
+use patch::PatchOp;
+use view::PodView;
 
-pub const BRIDGE_CONTAINER: &str = "kips-bridge";
-pub const INIT_CONTAINER: &str = "kips-init";
 /// The Secret key that holds the Azure Relay SAS connection string.
 pub const CONNECTION_STRING_KEY: &str = "connectionString";
 pub const DEFAULT_RELAY_SECRET: &str = "kips-relay";
 pub const DEFAULT_LISTEN_PORT_BASE: u16 = 15100;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The azbridge release the default sidecar image carries.
+pub const AZBRIDGE_VERSION: &str = "0.16.1";
 
 /// What the webhook injects, from its flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +50,7 @@ pub struct InjectConfig {
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
-            bridge_image: format!("ghcr.io/kips-dev/azbridge:{}", crate::AZBRIDGE_VERSION),
+            bridge_image: format!("ghcr.io/kips-dev/azbridge:{AZBRIDGE_VERSION}"),
             init_image: format!("ghcr.io/kips-dev/kips-init:{VERSION}"),
             image_pull_policy: None,
             relay_secret: DEFAULT_RELAY_SECRET.to_owned(),
@@ -105,75 +112,77 @@ impl Effect {
     }
 }
 
-/// JSON pointer from tokens; tokens are escaped (`/` → `~1`, `~` → `~0`) by jsonptr.
-pub fn pointer<'t>(tokens: impl IntoIterator<Item = &'t str>) -> PointerBuf {
-    PointerBuf::from_tokens(tokens)
+/// Admits a pod given as JSON. `relay_hint` names the workload when the pod has no owner to
+/// tell it (a pod template rendered by `kips inject`).
+pub fn mutate_pod(
+    pod_json: &str,
+    config: &InjectConfig,
+    relay_hint: Option<&str>,
+) -> Result<Mutation, serde_json::Error> {
+    let pod: PodView = serde_json::from_str(pod_json)?;
+    mutate_pod_view(&pod, || serde_json::from_str(pod_json), config, relay_hint)
 }
 
-/// One JSON Patch operation of a [`Mutation`].
-#[derive(Debug, Clone)]
-pub enum PatchOp {
-    Json(PatchOperation),
-    /// An `add` of JSON that kips rendered itself (its containers): serialised once, hashed
-    /// for the status digest, and copied into the response as it is, never held as a tree.
-    AddRendered {
-        path: PointerBuf,
-        value: Box<RawValue>,
-    },
+/// Admits a pod already read into a view. `whole_pod` gives the complete object, which only
+/// a pod kips injected before needs (it is stripped and re-rendered as a JSON value).
+pub fn mutate_pod_view(
+    pod: &PodView,
+    whole_pod: impl FnOnce() -> Result<serde_json::Value, serde_json::Error>,
+    config: &InjectConfig,
+    relay_hint: Option<&str>,
+) -> Result<Mutation, serde_json::Error> {
+    if carries_injection(pod) {
+        // Already injected (reinvocation, or a template rendered by `kips inject`): strip
+        // what kips added, render afresh, and send only the difference.
+        return Ok(reinvoke::rerender(&whole_pod()?, config, relay_hint));
+    }
+    if !has_kips_key(pod.metadata.annotation_pairs().map(|(k, _)| k)) {
+        return Ok(Mutation::default());
+    }
+    Ok(inject_fresh(pod, config, relay_hint))
 }
 
-impl PatchOp {
-    /// The operation as json-patch applies it.
-    pub fn to_operation(&self) -> PatchOperation {
-        match self {
-            PatchOp::Json(operation) => operation.clone(),
-            PatchOp::AddRendered { path, value } => PatchOperation::Add(AddOperation {
-                path: path.clone(),
-                value: serde_json::from_str(value.get()).expect("kips renders valid JSON"),
-            }),
+fn carries_injection(pod: &PodView) -> bool {
+    pod.metadata.annotation(STATUS).is_some()
+        || pod
+            .spec
+            .all_containers()
+            .any(|c| is_kips_container(&c.name))
+}
+
+/// Injects into a pod that carries nothing of kips yet.
+fn inject_fresh(pod: &PodView, config: &InjectConfig, relay_hint: Option<&str>) -> Mutation {
+    let skipped = |reason: String| Mutation {
+        warnings: vec![format!("kips: pod not injected: {reason}")],
+        effect: Effect::Skipped,
+        ..Default::default()
+    };
+    let annotations = match KipsAnnotations::parse(pod.metadata.annotation_pairs()) {
+        Ok(parsed) => parsed,
+        Err(errors) => {
+            let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            return skipped(reasons.join("; "));
         }
+    };
+    if !annotations.wants_injection() {
+        return Mutation::default();
     }
-}
-
-impl PartialEq for PatchOp {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_operation() == other.to_operation()
+    if pod.spec.host_network == Some(true) {
+        return skipped(
+            "it uses hostNetwork; kips never rewrites the node's network or ports".into(),
+        );
     }
-}
-
-impl Serialize for PatchOp {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            PatchOp::Json(operation) => operation.serialize(serializer),
-            PatchOp::AddRendered { path, value } => {
-                let mut op = serializer.serialize_struct("PatchOp", 3)?;
-                op.serialize_field("op", "add")?;
-                op.serialize_field("path", path)?;
-                op.serialize_field("value", value)?;
-                op.end()
-            }
-        }
+    // The default relay is the workload's name, worked out only when a redirect needs it.
+    let derived = (relay_hint.is_none() && annotations.redirects.iter().any(|r| r.relay.is_none()))
+        .then(|| plan::workload_name(&pod.metadata))
+        .flatten();
+    match plan::plan(pod, &annotations, config, relay_hint.or(derived.as_deref())) {
+        Ok(plan) => Mutation {
+            patch: render::render(pod, &plan, config),
+            warnings: plan.warnings,
+            effect: Effect::Injected,
+            needs: None,
+        },
+        Err(reason) => skipped(reason.to_string()),
     }
-}
-
-/// `ops` as a patch json-patch can apply.
-pub fn to_json_patch(ops: &[PatchOp]) -> Vec<PatchOperation> {
-    ops.iter().map(PatchOp::to_operation).collect()
-}
-
-pub fn add(path: PointerBuf, value: Value) -> PatchOp {
-    PatchOp::Json(PatchOperation::Add(AddOperation { path, value }))
-}
-
-pub fn replace(path: PointerBuf, value: Value) -> PatchOp {
-    PatchOp::Json(PatchOperation::Replace(ReplaceOperation { path, value }))
-}
-
-pub fn remove(path: PointerBuf) -> PatchOp {
-    PatchOp::Json(PatchOperation::Remove(RemoveOperation { path }))
-}
-
-/// Parses `text` as a JSON pointer written in the usual `/a/b/0` form.
-pub fn parse_pointer(text: &str) -> PointerBuf {
-    PointerBuf::parse(text).expect("kips writes only valid JSON pointers")
 }

@@ -25,31 +25,47 @@ impl fmt::Display for PortRedirect {
     }
 }
 
-impl FromStr for PortRedirect {
-    type Err = String;
+const REDIRECT_FORM: &str = "expected <app port>/<tcp|udp>=<listen port>, e.g. 8080/tcp=15100";
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        let form = "expected <app port>/<tcp|udp>=<listen port>, e.g. 8080/tcp=15100";
+/// A `--redirect` value of `kips init-net` that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRedirectError {
+    #[error("\"{0}\" has no '=' ({REDIRECT_FORM})")]
+    NoEquals(String),
+    #[error("\"{0}\" has no protocol ({REDIRECT_FORM})")]
+    NoProtocol(String),
+    #[error("protocol \"{protocol}\" in \"{text}\" is not tcp or udp")]
+    Protocol { protocol: String, text: String },
+    #[error("port \"{port}\" in \"{text}\" is not a number 1-65535 ({REDIRECT_FORM})")]
+    Port { port: String, text: String },
+}
+
+impl FromStr for PortRedirect {
+    type Err = PortRedirectError;
+
+    fn from_str(text: &str) -> Result<Self, PortRedirectError> {
         let (app, listen) = text
             .split_once('=')
-            .ok_or_else(|| format!("\"{text}\" has no '=' ({form})"))?;
+            .ok_or_else(|| PortRedirectError::NoEquals(text.to_owned()))?;
         let (app, protocol) = app
             .split_once('/')
-            .ok_or_else(|| format!("\"{text}\" has no protocol ({form})"))?;
+            .ok_or_else(|| PortRedirectError::NoProtocol(text.to_owned()))?;
         let protocol = match protocol {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
             other => {
-                return Err(format!(
-                    "protocol \"{other}\" in \"{text}\" is not tcp or udp"
-                ));
+                return Err(PortRedirectError::Protocol {
+                    protocol: other.to_owned(),
+                    text: text.to_owned(),
+                });
             }
         };
         let port = |p: &str| match p.parse::<u16>() {
             Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!(
-                "port \"{p}\" in \"{text}\" is not a number 1-65535 ({form})"
-            )),
+            _ => Err(PortRedirectError::Port {
+                port: p.to_owned(),
+                text: text.to_owned(),
+            }),
         };
         Ok(PortRedirect {
             protocol,
@@ -59,12 +75,20 @@ impl FromStr for PortRedirect {
     }
 }
 
+/// Not enough free ports above the listen-port base.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no {count} free listen ports at or above {base}; lower the listen-port base")]
+pub struct ListenPortsError {
+    count: usize,
+    base: u16,
+}
+
 /// Picks `count` listen ports from `base` upwards, skipping every port in `taken`.
 pub fn allocate_listen_ports(
     base: u16,
     taken: &BTreeSet<u16>,
     count: usize,
-) -> Result<Vec<u16>, String> {
+) -> Result<Vec<u16>, ListenPortsError> {
     let ports: Vec<u16> = (base..=u16::MAX)
         .filter(|port| !taken.contains(port))
         .take(count)
@@ -72,9 +96,7 @@ pub fn allocate_listen_ports(
     if ports.len() == count {
         Ok(ports)
     } else {
-        Err(format!(
-            "no {count} free listen ports at or above {base}; lower the listen-port base"
-        ))
+        Err(ListenPortsError { count, base })
     }
 }
 
@@ -91,18 +113,21 @@ mod tests {
             "8080=1"
                 .parse::<PortRedirect>()
                 .unwrap_err()
+                .to_string()
                 .contains("no protocol")
         );
         assert!(
             "8080/sctp=1"
                 .parse::<PortRedirect>()
                 .unwrap_err()
+                .to_string()
                 .contains("sctp")
         );
         assert!(
             "0/tcp=1"
                 .parse::<PortRedirect>()
                 .unwrap_err()
+                .to_string()
                 .contains("\"0\"")
         );
     }

@@ -10,7 +10,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use crate::annotations::Protocol;
+use crate::annotations::{Protocol, is_kips_container};
+use crate::bridge::routes::DeclaredPort;
 
 /// A string borrowed from the request body when it has no escapes, owned otherwise.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -85,6 +86,14 @@ pub struct PodView<'a> {
     pub spec: PodSpecView<'a>,
 }
 
+impl<'a> PodView<'a> {
+    /// A view borrowing from an in-memory JSON value. The value is a pod kips has just
+    /// stripped, so it deserialises whenever the request did.
+    pub fn deserialize_from(value: &'a serde_json::Value) -> Self {
+        PodView::deserialize(value).unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecView<'a> {
@@ -104,6 +113,28 @@ impl<'a> PodSpecView<'a> {
     /// Every container of the pod, app containers first.
     pub fn all_containers(&self) -> impl Iterator<Item = &ContainerView<'a>> {
         self.containers.iter().chain(self.init_containers())
+    }
+
+    /// The ports of the app containers (kips' own excepted), for resolving redirects.
+    pub fn declared_ports(&self) -> Vec<DeclaredPort<'_>> {
+        self.containers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !is_kips_container(&c.name))
+            .flat_map(|(container, c)| {
+                c.ports()
+                    .iter()
+                    .enumerate()
+                    .map(move |(index, p)| DeclaredPort {
+                        container,
+                        container_name: &c.name,
+                        index,
+                        name: p.name.as_deref(),
+                        number: p.container_port,
+                        protocol: p.protocol(),
+                    })
+            })
+            .collect()
     }
 }
 

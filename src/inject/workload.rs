@@ -4,18 +4,18 @@
 //!
 //! Annotations a user wrote into the template directly (the GitOps way) belong to the user:
 //! kips validates them but never changes or removes them. `kips.io/copied` on the template
-//! lists the keys kips owns there.
+//! lists the keys kips owns there. Which annotations the pods get is
+//! [`WorkloadAnnotations`]' rule, shared with the laptop.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::view::{MetaView, PodView, TemplateView, WorkloadView};
-use super::{
-    Effect, InjectConfig, Mutation, PatchOp, PodNeeds, add, pod, pointer, remove, replace,
-};
+use super::patch::{PatchOp, add, pointer, remove, replace};
+use super::view::{PodView, TemplateView, WorkloadView};
+use super::{Effect, InjectConfig, Mutation, PodNeeds, plan};
 use crate::annotations::{
-    self, COPIED, KipsAnnotations, PREFIX, PortMode, REDIRECT, STATUS, USER_KEYS,
+    COPIED, KipsAnnotations, PortMode, REDIRECT, WorkloadAnnotations, copied_marker, is_bookkeeping,
 };
 
 /// A refused admission, with the message the user sees.
@@ -25,18 +25,26 @@ pub struct Denial(pub String);
 
 const TEMPLATE_PREFIX: &str = "spec.template.metadata.annotations";
 
-pub fn mutate(
-    object_json: &str,
-    config: &InjectConfig,
-) -> Result<Result<Mutation, Denial>, serde_json::Error> {
+pub fn mutate(object_json: &str, config: &InjectConfig) -> Result<Mutation, WorkloadError> {
     let workload: WorkloadView = serde_json::from_str(object_json)?;
-    Ok(mutate_view(workload, config))
+    Ok(mutate_view(workload, config)?)
 }
 
-fn kips_pairs<'m>(meta: Option<&'m MetaView>) -> impl Iterator<Item = (&'m str, &'m str)> {
-    meta.into_iter()
-        .flat_map(MetaView::annotation_pairs)
-        .filter(|(k, _)| k.starts_with(PREFIX))
+/// Why `kips inject` could not admit a workload.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("not a workload: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    #[error(transparent)]
+    Denied(#[from] Denial),
+}
+
+fn joined<T: ToString>(errors: impl IntoIterator<Item = T>) -> String {
+    errors
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Admits a workload already read into a view.
@@ -54,70 +62,35 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
         metadata: template_meta.unwrap_or_default(),
         spec: template_spec,
     };
-    let template_meta = Some(&template_pod.metadata);
-
-    let copied = annotations::copied_keys(template_meta.and_then(|m| m.annotation(COPIED)));
-    let template_current: BTreeMap<&str, &str> = kips_pairs(template_meta).collect();
-    // The user's own template annotations: everything of kips' namespace that kips did not copy.
-    let user_template: Vec<(&str, &str)> = template_current
-        .iter()
-        .filter(|(k, _)| !copied.contains(**k) && **k != COPIED && **k != STATUS)
-        .map(|(k, v)| (*k, *v))
-        .collect();
-    let metadata_kips: Vec<(&str, &str)> = kips_pairs(Some(&metadata)).collect();
-
-    if metadata_kips.is_empty() && copied.is_empty() && user_template.is_empty() {
+    let kips = WorkloadAnnotations::new(
+        metadata.annotation_pairs(),
+        template_pod.metadata.annotation_pairs(),
+    );
+    if kips.is_empty() {
         return Ok(Mutation::default());
     }
 
     let mut errors = Vec::new();
-    for (key, _) in &metadata_kips {
-        if *key == STATUS || *key == COPIED {
+    for (key, _) in kips.metadata() {
+        if is_bookkeeping(key) {
             errors.push(format!("{key}: kips writes this annotation on pods and pod templates; remove it from the workload's metadata"));
         }
     }
-    if let Err(found) = KipsAnnotations::parse(metadata_kips.iter().copied()) {
+    if let Err(found) = KipsAnnotations::parse(kips.metadata().iter().copied()) {
         errors.extend(found.iter().map(ToString::to_string));
     }
-    if let Err(found) = KipsAnnotations::parse(user_template.iter().copied()) {
+    if let Err(found) = KipsAnnotations::parse(kips.user_template()) {
         errors.extend(found.iter().map(|e| format!("{TEMPLATE_PREFIX}: {e}")));
     }
     if !errors.is_empty() {
         return Err(Denial(errors.join("; ")));
     }
 
-    let mut warnings = Vec::new();
-    let mut desired: BTreeMap<&str, String> = BTreeMap::new();
-    for (key, value) in &metadata_kips {
-        if !USER_KEYS.contains(key) {
-            continue;
-        }
-        let value = annotations::normalise(key, value).map_err(|e| Denial(e.to_string()))?;
-        match user_template.iter().find(|(k, _)| k == key) {
-            Some((_, theirs)) if *theirs != value => warnings.push(format!(
-                "kips: {key} is set both on the workload (\"{value}\") and in its pod template (\"{theirs}\"); the template's value is used"
-            )),
-            Some(_) => {}
-            None => {
-                desired.insert(key, value);
-            }
-        }
-    }
-
-    let effective_pairs: Vec<(&str, &str)> = user_template
-        .iter()
-        .copied()
-        .chain(desired.iter().map(|(k, v)| (*k, v.as_str())))
-        .collect();
-    let effective = KipsAnnotations::parse(effective_pairs.iter().copied()).map_err(|found| {
-        Denial(
-            found
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
+    let copies = kips.copies().map_err(|e| Denial(e.to_string()))?;
+    let mut warnings = copies.conflicts.clone();
+    let effective = kips
+        .effective_with(&copies)
+        .map_err(|invalid| Denial(joined(&invalid.errors)))?;
 
     let name = metadata.name.as_deref().unwrap_or_default();
     let mut needs = None;
@@ -127,14 +100,17 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
                 "kips cannot redirect a workload whose pods use hostNetwork: it never rewrites the node's network or ports".into(),
             ));
         }
-        let relay_hint = (!name.is_empty()).then_some(name);
-        let plan = pod::plan(&template_pod, &effective, config, relay_hint).map_err(|reason| {
-            let redirect = effective_pairs
-                .iter()
-                .find(|(k, _)| *k == REDIRECT)
-                .map_or("", |(_, v)| *v);
-            Denial(format!("{REDIRECT}: \"{redirect}\": {reason}"))
-        })?;
+        let workload_name = (!name.is_empty()).then_some(name);
+        let plan =
+            plan::plan(&template_pod, &effective, config, workload_name).map_err(|reason| {
+                let redirect = kips
+                    .user_template()
+                    .find(|(k, _)| *k == REDIRECT)
+                    .map(|(_, v)| v)
+                    .or_else(|| copies.values.get(REDIRECT).map(String::as_str))
+                    .unwrap_or_default();
+                Denial(format!("{REDIRECT}: \"{redirect}\": {reason}"))
+            })?;
         needs = Some(PodNeeds {
             relay_secret: plan.secret.clone(),
             net_admin: plan.mode == Some(PortMode::Iptables),
@@ -142,15 +118,17 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
         warnings.extend(plan.warnings);
     }
 
+    let template_current = kips.template();
     let mut patch: Vec<PatchOp> = Vec::new();
     let path = |key: &str| pointer(["spec", "template", "metadata", "annotations", key]);
-    let keys: BTreeSet<&str> = copied
+    let keys: BTreeSet<&str> = kips
+        .copied()
         .iter()
         .map(String::as_str)
-        .chain(desired.keys().copied())
+        .chain(copies.values.keys().copied())
         .collect();
     for key in keys {
-        match (desired.get(key), template_current.get(key)) {
+        match (copies.values.get(key), template_current.get(key)) {
             (Some(want), Some(have)) if want == have => {}
             (Some(want), Some(_)) => patch.push(replace(path(key), Value::String(want.clone()))),
             (Some(want), None) => patch.push(add(path(key), Value::String(want.clone()))),
@@ -158,7 +136,7 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
             (None, None) => {}
         }
     }
-    let marker = annotations::copied_marker(desired.keys().copied());
+    let marker = copied_marker(copies.values.keys().copied());
     match (marker.is_empty(), template_current.get(COPIED)) {
         (true, Some(_)) => patch.push(remove(path(COPIED))),
         (false, Some(have)) if *have == marker => {}
@@ -182,14 +160,7 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
         patch.splice(0..0, parents);
     }
 
-    let before = KipsAnnotations::parse(
-        template_current
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .filter(|(k, _)| *k != COPIED && *k != STATUS),
-    )
-    .is_ok_and(|a| a.wants_injection());
-    let effect = match (before, effective.wants_injection()) {
+    let effect = match (kips.template_wants_injection(), effective.wants_injection()) {
         (false, true) => Effect::RedirectOn,
         (true, false) => Effect::RedirectOff,
         (true, true) if !patch.is_empty() => Effect::RedirectChanged,
@@ -230,12 +201,20 @@ mod tests {
     }
 
     fn admit(object: &Value) -> Result<Mutation, Denial> {
-        mutate(&object.to_string(), &InjectConfig::default()).unwrap()
+        let text = object.to_string();
+        mutate_view(
+            serde_json::from_str(&text).unwrap(),
+            &InjectConfig::default(),
+        )
     }
 
     fn apply(object: &Value, mutation: &Mutation) -> Value {
         let mut patched = object.clone();
-        json_patch::patch(&mut patched, &crate::inject::to_json_patch(&mutation.patch)).unwrap();
+        json_patch::patch(
+            &mut patched,
+            &crate::inject::patch::to_json_patch(&mutation.patch),
+        )
+        .unwrap();
         serde_json::from_value::<Deployment>(patched.clone()).expect("a valid Deployment");
         patched
     }

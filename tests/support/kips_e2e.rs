@@ -355,7 +355,7 @@ where
         .get_all("warning")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .filter_map(kips::dev::kube::parse_warning)
+        .filter_map(kips::parse_warning)
         .collect();
     let body = response.into_body().collect_bytes().await?;
     if !status.is_success() {

@@ -5,6 +5,16 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The sidecar kips injects: the relay bridge.
+pub const BRIDGE_CONTAINER: &str = "kips-bridge";
+/// The init container of iptables port mode: `kips init-net`.
+pub const INIT_CONTAINER: &str = "kips-init";
+
+/// True for the containers kips injects.
+pub fn is_kips_container(name: &str) -> bool {
+    name == BRIDGE_CONTAINER || name == INIT_CONTAINER
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InjectionStatus {
@@ -48,5 +58,10 @@ pub struct RenamedPort {
 impl InjectionStatus {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("status serialises")
+    }
+
+    /// Reads the annotation's value; `None` when it is not kips' JSON.
+    pub fn from_json(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
     }
 }

@@ -18,17 +18,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use anyhow::{Result, bail};
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Client, Config, Resource};
 
-use crate::admission::{Decision, RequestInfo, Reviewed};
+use super::review::{Decision, RequestInfo, Reviewed};
+use super::server::{BoxFuture, ClusterHooks};
 use crate::annotations::KipsAnnotations;
 use crate::inject::{CONNECTION_STRING_KEY, Effect, PodNeeds};
-use crate::server::{BoxFuture, ClusterHooks};
+use crate::k8s::{self, ClientSettings, Kube};
+use crate::workload::WorkloadKind;
 
 /// The label Pod Security Admission enforces.
 pub const ENFORCE_LABEL: &str = "pod-security.kubernetes.io/enforce";
@@ -40,7 +40,7 @@ const NAMESPACE_TTL: Duration = Duration::from_secs(5);
 /// The `reportingController` of kips' Events.
 pub const REPORTING_CONTROLLER: &str = "kips.io/webhook";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HooksMode {
     /// On when a cluster is configured (in-cluster service account, $KUBECONFIG, or
     /// --kubeconfig); off otherwise.
@@ -51,24 +51,20 @@ pub enum HooksMode {
     Off,
 }
 
-/// Flags of `kips webhook` for its cluster hooks.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ClusterArgs {
-    /// Admission warnings that need the cluster (missing relay Secret, Pod Security level)
-    /// and Events on workloads.
-    #[arg(long, env = "KIPS_CLUSTER_HOOKS", value_enum, default_value = "auto")]
-    pub cluster_hooks: HooksMode,
-    /// kubeconfig for the cluster hooks (default: in-cluster, then $KUBECONFIG).
-    #[arg(long = "kubeconfig", env = "KIPS_KUBECONFIG", value_name = "PATH")]
+/// The cluster hooks of `kips webhook`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HooksConfig {
+    pub mode: HooksMode,
+    /// Default: in-cluster, then $KUBECONFIG.
     pub kubeconfig: Option<PathBuf>,
 }
 
-/// Builds the hooks as `args` say. Fast: nothing is sent to the API server here.
-pub async fn hooks(args: &ClusterArgs) -> Result<Option<Arc<dyn ClusterHooks>>> {
-    let configured = args.kubeconfig.is_some()
+/// Builds the hooks as `config` says. Fast: nothing is sent to the API server here.
+pub async fn hooks(config: &HooksConfig) -> Result<Option<Arc<dyn ClusterHooks>>> {
+    let configured = config.kubeconfig.is_some()
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
         || std::env::var_os("KUBECONFIG").is_some();
-    match args.cluster_hooks {
+    match config.mode {
         HooksMode::Off => return Ok(None),
         HooksMode::Auto if !configured => {
             tracing::info!(
@@ -78,53 +74,30 @@ pub async fn hooks(args: &ClusterArgs) -> Result<Option<Arc<dyn ClusterHooks>>> 
         }
         _ => {}
     }
-    match client(args).await {
-        Ok(client) => {
+    let settings = ClientSettings::admission(config.kubeconfig.clone(), LOOKUP_TIMEOUT);
+    match k8s::connect(&settings).await {
+        Ok(kube) => {
             tracing::info!("cluster hooks on: admission warnings and Events");
-            Ok(Some(Arc::new(KubeHooks::new(client))))
+            Ok(Some(Arc::new(KubeHooks::new(kube))))
         }
-        Err(error) if args.cluster_hooks == HooksMode::Auto => {
-            tracing::warn!(error = format!("{error:#}"), "cluster hooks off");
+        Err(error) if config.mode == HooksMode::Auto => {
+            tracing::warn!(error = %error, "cluster hooks off");
             Ok(None)
         }
-        Err(error) => Err(error.context("--cluster-hooks on")),
+        Err(error) => Err(anyhow::Error::new(error).context("--cluster-hooks on")),
     }
-}
-
-async fn client(args: &ClusterArgs) -> Result<Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut config = match &args.kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?
-        }
-        None => match Config::incluster() {
-            Ok(config) => config,
-            Err(_) => Config::infer().await?,
-        },
-    };
-    // Admission must not wait on retries: a lookup either answers within the bound or is
-    // skipped.
-    config.default_retry = false;
-    config.connect_timeout = Some(LOOKUP_TIMEOUT);
-    config.read_timeout = Some(Duration::from_secs(5));
-    if config.cluster_url.host().is_none() {
-        bail!("the cluster URL {} has no host", config.cluster_url);
-    }
-    Ok(Client::try_from(config)?)
 }
 
 /// Cached lookups and an event recorder.
 pub struct KubeHooks {
-    client: Client,
+    kube: Kube,
     recorder: Recorder,
     secrets: Mutex<HashMap<(String, String), (Instant, bool)>>,
     namespaces: Mutex<HashMap<String, (Instant, Option<String>)>>,
 }
 
 impl KubeHooks {
-    pub fn new(client: Client) -> Self {
+    pub fn new(kube: Kube) -> Self {
         let instance = std::env::var("KIPS_POD_NAME")
             .or_else(|_| std::env::var("POD_NAME"))
             .or_else(|_| std::env::var("HOSTNAME"))
@@ -135,8 +108,8 @@ impl KubeHooks {
             instance: Some(instance.unwrap_or_else(|| "kips-webhook".to_owned())),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
+            recorder: Recorder::new(kube.client.clone(), reporter),
+            kube,
             secrets: Mutex::default(),
             namespaces: Mutex::default(),
         }
@@ -155,7 +128,7 @@ impl KubeHooks {
                 return Some(exists);
             }
         }
-        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        let api = Api::<Secret>::namespaced(self.kube.client.clone(), namespace);
         match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_metadata_opt(name)).await {
             Ok(Ok(found)) => {
                 let exists = found.is_some();
@@ -184,7 +157,7 @@ impl KubeHooks {
         {
             return level;
         }
-        let api = Api::<Namespace>::all(self.client.clone());
+        let api = Api::<Namespace>::all(self.kube.client.clone());
         match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_metadata_opt(namespace)).await {
             Ok(Ok(found)) => {
                 let level = found
@@ -269,12 +242,12 @@ impl ClusterHooks for KubeHooks {
         if request.dry_run || reviewed.denial.is_some() {
             return;
         }
-        let client = self.client.clone();
+        let kube = self.kube.in_namespace(&request.namespace);
         let recorder = self.recorder.clone();
         let request = request.clone();
         let effect = reviewed.effect;
         tokio::spawn(async move {
-            if let Err(error) = publish(client, recorder, &request, effect, reason).await {
+            if let Err(error) = publish(kube, recorder, &request, effect, reason).await {
                 tracing::warn!(
                     kind = %request.kind, namespace = %request.namespace, name = %request.name,
                     error = format!("{error:#}"), "could not record the Event"
@@ -333,35 +306,14 @@ pub fn event_note(effect: Effect, kips: Option<&KipsAnnotations>) -> String {
 
 /// A workload as stored: its reference and the kips annotations in effect for its pods.
 async fn stored(
-    client: &Client,
+    kube: &Kube,
     request: &RequestInfo,
 ) -> Result<Option<(ObjectReference, Option<KipsAnnotations>)>> {
-    use crate::dev::workload::Object;
-    let ns = &request.namespace;
-    let name = &request.name;
-    let object = match request.kind.as_str() {
-        "Deployment" => Api::<Deployment>::namespaced(client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|o| Object::Deployment(Box::new(o))),
-        "StatefulSet" => Api::<StatefulSet>::namespaced(client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|o| Object::StatefulSet(Box::new(o))),
-        "DaemonSet" => Api::<DaemonSet>::namespaced(client.clone(), ns)
-            .get_opt(name)
-            .await?
-            .map(|o| Object::DaemonSet(Box::new(o))),
-        other => bail!("kind {other} gets no Events"),
+    let Some(kind) = WorkloadKind::from_kind(&request.kind) else {
+        bail!("kind {} gets no Events", request.kind);
     };
-    Ok(object.map(|object| {
-        let reference = match &object {
-            Object::Deployment(o) => o.object_ref(&()),
-            Object::StatefulSet(o) => o.object_ref(&()),
-            Object::DaemonSet(o) => o.object_ref(&()),
-        };
-        (reference, object.kips().ok())
-    }))
+    let object = kube.workload_opt(kind, &request.name).await?;
+    Ok(object.map(|object| (object.object_reference(), object.kips().ok())))
 }
 
 /// A reference from the admission request alone (workloads are apps/v1).
@@ -378,7 +330,7 @@ fn reference_from(request: &RequestInfo) -> ObjectReference {
 /// Publishes the Event once the API server has stored the change (a created workload has no
 /// uid before that; an updated one shows its new annotations).
 async fn publish(
-    client: Client,
+    kube: Kube,
     recorder: Recorder,
     request: &RequestInfo,
     effect: Effect,
@@ -387,7 +339,7 @@ async fn publish(
     let mut found = None;
     for attempt in 0..8u32 {
         tokio::time::sleep(Duration::from_millis(150 * u64::from(attempt + 1))).await;
-        match stored(&client, request).await {
+        match stored(&kube, request).await {
             Ok(Some((reference, kips))) => {
                 let on = kips.as_ref().is_some_and(|k| k.wants_injection());
                 let settled = match effect {

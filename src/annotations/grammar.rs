@@ -8,18 +8,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-pub const PREFIX: &str = "kips.io/";
-pub const REDIRECT: &str = "kips.io/redirect";
-pub const REVERSE: &str = "kips.io/reverse";
-pub const RELAY_SECRET: &str = "kips.io/relay-secret";
-pub const PORT_MODE: &str = "kips.io/port-mode";
-/// Written by kips on injected pods (and templates): what was injected, by which version.
-pub const STATUS: &str = "kips.io/status";
-/// Written by kips on pod templates: which kips annotations it copied from the workload.
-pub const COPIED: &str = "kips.io/copied";
-
-/// The annotations a user writes, in the order they are documented.
-pub const USER_KEYS: [&str; 4] = [REDIRECT, REVERSE, RELAY_SECRET, PORT_MODE];
+use super::{COPIED, PORT_MODE, PREFIX, REDIRECT, RELAY_SECRET, REVERSE, STATUS, USER_KEYS};
 
 const REDIRECT_FORM: &str = "<relay>:<port>[/udp][,...] or <port>";
 const REVERSE_FORM: &str = "<relay>=<host>:<port>[,...]";
@@ -93,29 +82,41 @@ impl fmt::Display for Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RelayName(String);
 
+/// Why a text is not a relay name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayNameError {
+    #[error("relay name is empty")]
+    Empty,
+    #[error("relay name \"{0}\" is longer than 260 characters")]
+    TooLong(String),
+    #[error(
+        "relay name \"{name}\" contains '{bad}'; a relay name has letters, digits, '.', '-' and '_'"
+    )]
+    BadCharacter { name: String, bad: char },
+    #[error("relay name \"{0}\" must start and end with a letter or digit")]
+    BadEnds(String),
+}
+
 impl RelayName {
-    pub fn parse(name: &str) -> Result<Self, String> {
+    pub fn parse(name: &str) -> Result<Self, RelayNameError> {
         if name.is_empty() {
-            return Err("relay name is empty".into());
+            return Err(RelayNameError::Empty);
         }
         if name.len() > 260 {
-            return Err(format!(
-                "relay name \"{name}\" is longer than 260 characters"
-            ));
+            return Err(RelayNameError::TooLong(name.to_owned()));
         }
         if let Some(bad) = name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
         {
-            return Err(format!(
-                "relay name \"{name}\" contains '{bad}'; a relay name has letters, digits, '.', '-' and '_'"
-            ));
+            return Err(RelayNameError::BadCharacter {
+                name: name.to_owned(),
+                bad,
+            });
         }
         let first_last_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
         if !first_last_ok(name.chars().next()) || !first_last_ok(name.chars().last()) {
-            return Err(format!(
-                "relay name \"{name}\" must start and end with a letter or digit"
-            ));
+            return Err(RelayNameError::BadEnds(name.to_owned()));
         }
         Ok(Self(name.to_owned()))
     }
@@ -138,14 +139,23 @@ pub enum PortRef {
     Name(String),
 }
 
+/// Why a text is not a port.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortRefError {
+    #[error("port is empty")]
+    Empty,
+    #[error("port \"{0}\" is not a number 1-65535 or a port name")]
+    NotAPort(String),
+}
+
 impl PortRef {
     /// Numbers are 1-65535 (leading zeros allowed, normalised away). Names follow Kubernetes'
     /// port-name rule and must begin with a letter, so that a mistyped number such as `80x0`
     /// is reported as a bad port rather than taken for a name no container declares.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let not_a_port = || format!("port \"{text}\" is not a number 1-65535 or a port name");
+    pub fn parse(text: &str) -> Result<Self, PortRefError> {
+        let not_a_port = || PortRefError::NotAPort(text.to_owned());
         if text.is_empty() {
-            return Err("port is empty".into());
+            return Err(PortRefError::Empty);
         }
         if text.bytes().all(|b| b.is_ascii_digit()) {
             return match text.parse::<u32>() {
@@ -231,6 +241,9 @@ pub enum PortMode {
 }
 
 impl PortMode {
+    /// Every mode, as written in annotations and flags.
+    pub const NAMES: [&str; 3] = ["iptables", "named", "auto"];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PortMode::Iptables => "iptables",
@@ -246,14 +259,19 @@ impl fmt::Display for PortMode {
     }
 }
 
+/// A text that is not a port mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not a port mode")]
+pub struct PortModeError(String);
+
 impl FromStr for PortMode {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
+    type Err = PortModeError;
+    fn from_str(text: &str) -> Result<Self, PortModeError> {
         match text {
             "iptables" => Ok(PortMode::Iptables),
             "named" => Ok(PortMode::Named),
             "auto" => Ok(PortMode::Auto),
-            other => Err(format!("\"{other}\" is not a port mode")),
+            other => Err(PortModeError(other.to_owned())),
         }
     }
 }
@@ -444,7 +462,7 @@ pub fn parse_redirects(value: &str) -> Result<Vec<Redirect>, AnnotationError> {
             }
             None => (None, target),
         };
-        let port = PortRef::parse(port).map_err(error)?;
+        let port = PortRef::parse(port).map_err(|e| error(e.to_string()))?;
         let redirect = Redirect {
             relay,
             port,
@@ -481,8 +499,8 @@ pub fn parse_reverses(value: &str) -> Result<Vec<Reverse>, AnnotationError> {
             .map_err(|problem| error(format!("{problem} in \"{entry}\"")))?;
         let (host, port) = split_host_port(address)
             .ok_or_else(|| error(format!("\"{address}\" is not <host>:<port>")))?;
-        check_host(host).map_err(error)?;
-        let port = match PortRef::parse(port).map_err(error)? {
+        check_host(host).map_err(|e| error(e.to_string()))?;
+        let port = match PortRef::parse(port).map_err(|e| error(e.to_string()))? {
             PortRef::Number(n) => n,
             PortRef::Name(_) => {
                 return Err(error(format!(
@@ -509,21 +527,30 @@ fn split_host_port(address: &str) -> Option<(&str, &str)> {
     address.rsplit_once(':')
 }
 
+/// Why a reverse entry's host cannot be forwarded to.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum HostError {
+    #[error("host is empty")]
+    Empty,
+    #[error("host \"{0}\" is an IPv6 address, which azbridge cannot forward to; use a DNS name")]
+    Ipv6(String),
+    #[error("host \"{0}\" is not a DNS name or IP address")]
+    Invalid(String),
+}
+
 /// A DNS name (RFC 1123 subdomain) or an IPv4 address. azbridge splits each `-T` binding on
 /// `:`, so an IPv6 literal can never reach it intact.
-fn check_host(host: &str) -> Result<(), String> {
+fn check_host(host: &str) -> Result<(), HostError> {
     if host.is_empty() {
-        return Err("host is empty".into());
+        return Err(HostError::Empty);
     }
     if host.contains(':') || host.starts_with('[') {
-        return Err(format!(
-            "host \"{host}\" is an IPv6 address, which azbridge cannot forward to; use a DNS name"
-        ));
+        return Err(HostError::Ipv6(host.to_owned()));
     }
     if host.parse::<Ipv4Addr>().is_ok() || is_dns_subdomain(&host.to_ascii_lowercase()) {
         Ok(())
     } else {
-        Err(format!("host \"{host}\" is not a DNS name or IP address"))
+        Err(HostError::Invalid(host.to_owned()))
     }
 }
 
@@ -558,10 +585,9 @@ fn parse_secret_name(value: &str) -> Result<String, AnnotationError> {
 }
 
 fn parse_port_mode(value: &str) -> Result<PortMode, AnnotationError> {
-    value
-        .trim()
-        .parse()
-        .map_err(|problem| AnnotationError::new(PORT_MODE, value, problem, PORT_MODE_FORM))
+    value.trim().parse().map_err(|problem: PortModeError| {
+        AnnotationError::new(PORT_MODE, value, problem.to_string(), PORT_MODE_FORM)
+    })
 }
 
 #[cfg(test)]

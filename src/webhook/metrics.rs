@@ -1,7 +1,7 @@
 //! Prometheus metrics, served as text on `/metrics`.
 
 use std::sync::atomic::AtomicI64;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -140,5 +140,29 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+impl crate::tls::CertObserver for Metrics {
+    fn serving(&self, not_after: Option<SystemTime>) {
+        if let Some(expiry) = not_after {
+            let seconds = expiry
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.certificate_not_after
+                .set(i64::try_from(seconds).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn reloaded(&self) {
+        self.certificate_reloads
+            .get_or_create(&ResultLabels { result: "loaded" })
+            .inc();
+    }
+
+    fn rejected(&self) {
+        self.certificate_reloads
+            .get_or_create(&ResultLabels { result: "rejected" })
+            .inc();
     }
 }

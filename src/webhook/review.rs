@@ -217,12 +217,9 @@ pub fn decide(body: &[u8], config: &InjectConfig) -> Decision {
         }),
         // Read again in two steps, so that the error names what is wrong, and where.
         Err(_) => match serde_json::from_slice::<ReviewIn<&RawValue>>(body) {
-            Ok(review) => decide_review(review, body, config, |raw, kind| {
-                let object = match kind {
-                    ObjectKind::Pod => serde_json::from_str(raw.get()).map(Object::Pod),
-                    ObjectKind::Workload => serde_json::from_str(raw.get()).map(Object::Workload),
-                };
-                object.map_err(|error| error.to_string())
+            Ok(review) => decide_review(review, body, config, |raw, kind| match kind {
+                ObjectKind::Pod => serde_json::from_str(raw.get()).map(Object::Pod),
+                ObjectKind::Workload => serde_json::from_str(raw.get()).map(Object::Workload),
             }),
             Err(error) => Decision {
                 api_version: REVIEW_API_VERSION,
@@ -249,7 +246,7 @@ fn decide_review<'a, O>(
     review: ReviewIn<'a, O>,
     body: &[u8],
     config: &InjectConfig,
-    read_object: impl FnOnce(O, ObjectKind) -> Result<Object<'a>, String>,
+    read_object: impl FnOnce(O, ObjectKind) -> Result<Object<'a>, serde_json::Error>,
 ) -> Decision {
     let Some(request) = review.request else {
         return Decision {
@@ -297,7 +294,7 @@ fn decide_review<'a, O>(
                 let whole_pod = || {
                     serde_json::from_slice::<WholeObject>(body).map(|whole| whole.request.object)
                 };
-                inject::pod::mutate_parsed(&pod, whole_pod, config, None).map_err(|error| {
+                inject::mutate_pod_view(&pod, whole_pod, config, None).map_err(|error| {
                     AdmissionError::Unreadable(format!("request.object is not a Pod: {error}"))
                 })
             }

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -21,9 +20,10 @@ use rustls::ServerConfig;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use crate::admission::{self, AdmissionError, Decision, RequestInfo, Reviewed};
+use super::lifecycle::Readiness;
+use super::metrics::Metrics;
+use super::review::{self, AdmissionError, Decision, RequestInfo, Reviewed};
 use crate::inject::{Effect, InjectConfig};
-use crate::metrics::Metrics;
 
 /// The API server sends at most 3 MiB; anything larger is not from it.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -46,26 +46,31 @@ pub trait ClusterHooks: Send + Sync + 'static {
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<InjectConfig>,
-    pub metrics: Arc<Metrics>,
-    /// False until a trusted certificate is served, and again while draining.
-    pub ready: Arc<AtomicBool>,
-    pub hooks: Option<Arc<dyn ClusterHooks>>,
+    config: Arc<InjectConfig>,
+    metrics: Arc<Metrics>,
+    /// Not ready until a trusted certificate is served, and again while draining.
+    readiness: Readiness,
+    hooks: Option<Arc<dyn ClusterHooks>>,
 }
 
 impl AppState {
-    pub fn new(config: InjectConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: InjectConfig,
+        metrics: Arc<Metrics>,
+        readiness: Readiness,
+        hooks: Option<Arc<dyn ClusterHooks>>,
+    ) -> Self {
         Self {
             config: Arc::new(config),
             metrics,
-            ready: Arc::new(AtomicBool::new(false)),
-            hooks: None,
+            readiness,
+            hooks,
         }
     }
 }
 
 /// Timeouts and limits of the HTTP layer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
     /// A TLS handshake must finish within this.
     pub handshake_timeout: Duration,
@@ -102,7 +107,7 @@ pub fn router(state: AppState, settings: &ServerSettings) -> Router {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
+    if state.readiness.is_ready() {
         "ok".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
@@ -148,7 +153,7 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
             Ok(body) => review(&state, &body).await,
             Err(error) => {
                 tracing::warn!(error = %error, "unreadable admission request");
-                admission::error_review(error)
+                review::error_review(error)
             }
         };
         if let Some(hooks) = &state.hooks {
@@ -179,7 +184,7 @@ async fn read_body(body: Body) -> Result<Bytes, AdmissionError> {
 
 async fn review(state: &AppState, body: &[u8]) -> Reviewed {
     let started = Instant::now();
-    let mut decision = admission::decide(body, &state.config);
+    let mut decision = review::decide(body, &state.config);
     let span = tracing::Span::current();
     if let Some(request) = &decision.request {
         span.record("uid", request.uid.as_str());
@@ -254,10 +259,10 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let app = router(state.clone(), &settings);
-        let ready = state.ready.clone();
+        let readiness = state.readiness.clone();
         self.serve_router(app, tls, settings, async move {
             shutdown.await;
-            ready.store(false, Ordering::Release);
+            readiness.stop();
         })
         .await
     }
@@ -302,21 +307,5 @@ impl Server {
             .context("serving HTTPS")?;
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// Resolves on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-pub async fn termination_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = terminate => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

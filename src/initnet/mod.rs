@@ -32,74 +32,61 @@ mod system;
 
 use std::net::IpAddr;
 
-use anyhow::{Result, anyhow, bail};
-use clap::ArgAction;
-
 pub use iptables::{Backend, BackendChoice};
-pub use rules::{CHAIN, Family, RulePlan};
+pub use rules::{AddressError, CHAIN, Family, RulePlan, parse_address_list};
 
 use crate::inject::ports::PortRedirect;
-use iptables::Tool;
+use iptables::{Tool, ToolError};
+use rules::RuleError;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct InitNetArgs {
-    /// Inbound traffic for an app port goes to the sidecar's listen port, e.g. 8080/tcp=15100.
-    /// Repeat for more ports.
-    #[arg(long = "redirect", value_name = "APP/PROTO=LISTEN", required = true)]
+/// What `kips init-net` installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitNetConfig {
+    /// Inbound traffic for an app port goes to the sidecar's listen port.
     pub redirects: Vec<PortRedirect>,
-    /// The node's addresses, comma-separated (the downward API's status.hostIPs): traffic from
-    /// them (the kubelet's probes) still reaches the app.
-    #[arg(long, value_name = "ADDRESSES", default_value = "", value_parser = parse_node_ips)]
-    pub node_ips: NodeIps,
-    /// Let traffic from the pod's default gateway reach the app too (bridge CNIs and Cilium
-    /// send the kubelet's probes from there).
-    #[arg(
-        long,
-        value_name = "BOOL",
-        default_value_t = true,
-        num_args = 0..=1,
-        default_missing_value = "true",
-        action = ArgAction::Set
-    )]
+    /// The node's addresses (the downward API's status.hostIPs): traffic from them (the
+    /// kubelet's probes) still reaches the app.
+    pub node_ips: Vec<IpAddr>,
+    /// Traffic from the pod's default gateway reaches the app too.
     pub exclude_gateway: bool,
-    /// iptables backend: `auto` uses the one that already holds rules here (nft when none).
-    #[arg(
-        long,
-        value_enum,
-        env = "KIPS_IPTABLES_BACKEND",
-        default_value = "auto"
-    )]
     pub backend: BackendChoice,
     /// Print the iptables-restore input for both families and change nothing.
-    #[arg(long)]
     pub dry_run: bool,
 }
 
-/// The `--node-ips` list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeIps(pub Vec<IpAddr>);
-
-fn parse_node_ips(text: &str) -> Result<NodeIps, String> {
-    rules::parse_address_list(text).map(NodeIps)
+/// Why the rules could not be installed; the pod must not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InitNetError {
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("{error} (the IPv4 rules were taken out again)")]
+    Ipv6RolledBack { error: ToolError },
+    #[error("{error}; taking the IPv4 rules out again failed too: {rollback}")]
+    Ipv6RollbackFailed {
+        error: ToolError,
+        rollback: ToolError,
+    },
 }
 
-pub fn run(args: InitNetArgs) -> Result<()> {
-    if args.node_ips.0.is_empty() {
+pub fn run(config: InitNetConfig) -> Result<(), InitNetError> {
+    if config.node_ips.is_empty() {
         eprintln!(
             "kips init-net: warning: no --node-ips: the kubelet's probes of redirected ports reach the sidecar unless they come from the gateway"
         );
     }
-    let mut exempt = args.node_ips.0.clone();
-    if args.exclude_gateway {
+    let mut exempt = config.node_ips.clone();
+    if config.exclude_gateway {
         exempt.extend(system::default_gateways());
     }
-    let plan = RulePlan::new(&exempt, &args.redirects).map_err(|e| anyhow!(e))?;
-    if args.dry_run {
+    let plan = RulePlan::new(&exempt, &config.redirects)?;
+    if config.dry_run {
         print!("{}", plan.dry_run());
         return Ok(());
     }
 
-    let backend = match args.backend {
+    let backend = match config.backend {
         BackendChoice::Nft => Backend::Nft,
         BackendChoice::Legacy => Backend::Legacy,
         BackendChoice::Auto => {
@@ -109,7 +96,7 @@ pub fn run(args: InitNetArgs) -> Result<()> {
         }
     };
     let v4 = Tool::new(backend, Family::V4);
-    apply(&plan, v4).map_err(|e| anyhow!(e))?;
+    apply(&plan, v4)?;
 
     if !system::ipv6_enabled() {
         eprintln!("kips init-net: IPv6 is off in this pod; IPv4 rules only");
@@ -123,15 +110,15 @@ pub fn run(args: InitNetArgs) -> Result<()> {
             return Ok(());
         }
         if let Err(rollback) = v4.restore(&rules::removal_input()) {
-            bail!("{error}; taking the IPv4 rules out again failed too: {rollback}");
+            return Err(InitNetError::Ipv6RollbackFailed { error, rollback });
         }
-        bail!("{error} (the IPv4 rules were taken out again)");
+        return Err(InitNetError::Ipv6RolledBack { error });
     }
     Ok(())
 }
 
 /// Installs one family's rules and logs exactly what was applied.
-fn apply(plan: &RulePlan, tool: Tool) -> Result<(), String> {
+fn apply(plan: &RulePlan, tool: Tool) -> Result<(), ToolError> {
     let jump_present = rules::has_jump(&tool.save_nat()?);
     let input = plan.restore_input(tool.family, !jump_present);
     tool.restore(&input)?;

@@ -209,7 +209,24 @@ spec:
             .collect();
         assert_eq!(init, ["kips-init", "kips-bridge"]);
         // The default relay is the workload's name.
-        assert!(docs[1].to_string().contains("0.0.0.0:15100/port8080:api"));
+        assert!(docs[1].to_string().contains("0.0.0.0:15100/8080:api"));
+    }
+
+    #[test]
+    fn a_relay_in_both_directions_fails_naming_the_reverse_annotation_and_the_relay() {
+        let input = DEPLOYMENT.replace(
+            "    kips.io/redirect: \"8080\"\n",
+            "    kips.io/redirect: \"8080\"\n    kips.io/reverse: \"api=db:5432\"\n",
+        );
+        let error = inject_manifests(&input, &InjectConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(
+                "document 1 (Deployment api): kips.io/reverse: \"api=db:5432\": relay \"api\""
+            ),
+            "{error}"
+        );
     }
 
     #[test]

@@ -197,22 +197,38 @@ fn run_to_end(command: &mut Command) -> Result<(ExitStatus, String, String)> {
 
 /// The design's syntax: per relay one `-T <relay>:<name>/localhost:<port>[;...]` (UDP with a
 /// `U` suffix), per reverse entry one `-L <loopback address>:<port>/<name>:<relay>`; the
-/// connection string with `-x`.
+/// connection string in the `-f` file, never on the command line.
 fn api_args() -> Vec<String> {
     [
-        "-x",
-        CONNECTION_STRING,
         "-T",
-        "api:port8080/localhost:8080;metrics/localhost:9090",
+        "api:8080/localhost:8080;metrics/localhost:9090",
         "-T",
-        "dns:dns-udp/localhost:53U",
+        "dns:dns.udp/localhost:53U",
         "-L",
-        "127.77.0.1:5432/port5432:db",
+        "127.77.0.1:5432/5432:db",
         "-L",
-        "127.77.0.2:6379/port6379:cache",
+        "127.77.0.2:6379/6379:cache",
     ]
     .map(String::from)
     .to_vec()
+}
+
+/// Checks that `args` pass the connection string in a `-f` file of the user's alone (which
+/// the stand-in copied when it started), and returns the arguments after it.
+fn after_config_file<'a>(scene: &Scene, pid: u32, args: &'a [String]) -> Result<&'a [String]> {
+    ensure!(args.len() >= 2 && args[0] == "-f", "no -f first: {args:?}");
+    ensure!(
+        !args.iter().any(|a| a.contains("s3cr3t")),
+        "the connection string is on the command line: {args:?}"
+    );
+    let mode = std::fs::read_to_string(scene.path(&format!("{pid}.config-mode")))?;
+    assert_eq!(mode.trim(), "600", "the config file's mode");
+    let config = std::fs::read_to_string(scene.path(&format!("{pid}.config")))?;
+    assert_eq!(
+        config,
+        format!("AzureRelayConnectionString: '{CONNECTION_STRING}'\n")
+    );
+    Ok(&args[2..])
 }
 
 #[test]
@@ -226,7 +242,7 @@ fn print_shows_the_command_and_hosts_lines_but_never_the_secret() -> Result<()> 
     ensure!(status.success(), "{stdout}{stderr}");
     let azbridge = scene.path("azbridge").display().to_string();
     let expected = format!(
-        "{azbridge} -x <redacted> -T 'api:port8080/localhost:8080;metrics/localhost:9090' -T dns:dns-udp/localhost:53U -L 127.77.0.1:5432/port5432:db -L 127.77.0.2:6379/port6379:cache"
+        "{azbridge} -f '<config.yml>' -T 'api:8080/localhost:8080;metrics/localhost:9090' -T dns:dns.udp/localhost:53U -L 127.77.0.1:5432/5432:db -L 127.77.0.2:6379/6379:cache"
     );
     ensure!(
         stdout.lines().any(|l| l == expected),
@@ -253,7 +269,9 @@ fn ctrl_c_stops_azbridge_and_restores_the_hosts_file_byte_for_byte() -> Result<(
     let mut connect = scene.connect("deploy/api", &[])?;
     let azbridges = scene.azbridges(1)?;
     let (pid, args) = &azbridges[0];
-    assert_eq!(args, &api_args());
+    assert_eq!(after_config_file(&scene, *pid, args)?, &api_args()[..]);
+    let config_file = std::path::PathBuf::from(&args[1]);
+    ensure!(config_file.exists(), "{}", config_file.display());
     let hosts = scene.hosts();
     ensure!(hosts.starts_with(ORIGINAL_HOSTS), "{hosts}");
     ensure!(
@@ -282,6 +300,11 @@ fn ctrl_c_stops_azbridge_and_restores_the_hosts_file_byte_for_byte() -> Result<(
     );
     ensure!(!alive(*pid), "azbridge {pid} outlived kips connect");
     assert_eq!(scene.hosts(), ORIGINAL_HOSTS);
+    ensure!(
+        !config_file.exists() && !config_file.parent().unwrap().exists(),
+        "the config file outlived kips connect: {}",
+        config_file.display()
+    );
     Ok(())
 }
 
@@ -292,12 +315,12 @@ fn sigterm_stops_everything_too() -> Result<()> {
     let azbridges = scene.azbridges(1)?;
     // The GitOps workload: annotations from the template, a named port, its own relay.
     assert_eq!(
-        azbridges[0].1[2..],
+        after_config_file(&scene, azbridges[0].0, &azbridges[0].1)?,
         [
             "-T",
             "web:http/localhost:3000",
             "-L",
-            "127.77.0.1:3306/port3306:webdb"
+            "127.77.0.1:3306/3306:webdb"
         ]
     );
     connect.signal(libc::SIGTERM);
@@ -321,7 +344,34 @@ fn when_azbridge_dies_connect_exits_with_its_status_and_restores_the_hosts_file(
     let status = connect.wait(Duration::from_secs(15))?;
     let output = connect.output();
     assert_eq!(status.code(), Some(3), "output:\n{output}");
-    ensure!(output.contains("azbridge exited"), "{output}");
+    ensure!(output.contains("azbridge exited by itself"), "{output}");
+    assert_eq!(scene.hosts(), ORIGINAL_HOSTS);
+    Ok(())
+}
+
+#[test]
+fn an_azbridge_that_exits_0_by_itself_is_a_failure_with_its_last_lines() -> Result<()> {
+    // azbridge exits 0 after a refused key, an unknown hybrid connection, a port in use.
+    let scene = Scene::new(ORIGINAL_HOSTS)?;
+    let mut connect = scene.connect("deploy/api", &[])?;
+    let (pid, _) = scene.azbridges(1)?.remove(0);
+    std::fs::write(scene.path(&format!("{pid}.exit")), "0")?;
+    let status = connect.wait(Duration::from_secs(15))?;
+    let output = connect.output();
+    assert_eq!(status.code(), Some(1), "output:\n{output}");
+    ensure!(
+        output.contains("azbridge exited by itself (exit status: 0)"),
+        "{output}"
+    );
+    let tail = output
+        .split("its last lines:\n")
+        .nth(1)
+        .with_context(|| format!("no last lines in:\n{output}"))?;
+    ensure!(tail.contains("log line on stderr"), "{tail}");
+    ensure!(
+        tail.contains(&format!("fake azbridge {pid}: exiting with 0")),
+        "{tail}"
+    );
     assert_eq!(scene.hosts(), ORIGINAL_HOSTS);
     Ok(())
 }
@@ -336,9 +386,12 @@ fn two_runs_at_once_get_their_own_addresses_and_each_restores_its_part() -> Resu
         let mut web = scene.connect("deploy/web", &[])?;
         let both = scene.azbridges(2)?;
         let (web_pid, web_args) = both.into_iter().find(|(p, _)| *p != api_pid).unwrap();
-        assert_eq!(api_args, self::api_args());
+        assert_eq!(
+            after_config_file(&scene, api_pid, &api_args)?,
+            self::api_args()
+        );
         // The second run does not reuse the first run's loopback addresses.
-        assert_eq!(web_args[4..], ["-L", "127.77.0.3:3306/port3306:webdb"]);
+        assert_eq!(web_args[4..], ["-L", "127.77.0.3:3306/3306:webdb"]);
         let hosts = scene.hosts();
         ensure!(hosts.contains("127.77.0.1\tpostgres.data.svc\n"), "{hosts}");
         ensure!(hosts.contains("127.77.0.3\tmysql.data.svc\n"), "{hosts}");
@@ -419,8 +472,11 @@ fn without_reverse_entries_the_hosts_file_is_never_opened() -> Result<()> {
         &["--port-map", "6379=16379"],
     );
     let mut connect = Connect::spawn(command)?;
-    let (_, args) = scene.azbridges(1)?.remove(0);
-    assert_eq!(args[2..], ["-T", "cache:port6379/localhost:16379"]);
+    let (pid, args) = scene.azbridges(1)?.remove(0);
+    assert_eq!(
+        after_config_file(&scene, pid, &args)?,
+        ["-T", "cache:6379/localhost:16379"]
+    );
     connect.signal(libc::SIGINT);
     ensure!(
         connect.wait(Duration::from_secs(15))?.success(),

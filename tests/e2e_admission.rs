@@ -177,7 +177,7 @@ fn ensure_injected_api_pod(pod: &Pod) -> Result<()> {
             "-x",
             "$(KIPS_RELAY_CONNECTION_STRING)",
             "-L",
-            "0.0.0.0:15100/port8080:api"
+            "0.0.0.0:15100/8080:api"
         ],
         "{name}"
     );
@@ -209,7 +209,8 @@ fn ensure_injected_api_pod(pod: &Pod) -> Result<()> {
             "init-net",
             "--redirect",
             "8080/tcp=15100",
-            "--node-ips=$(KIPS_NODE_IPS)"
+            "--node-ips=$(KIPS_NODE_IPS)",
+            "--ipv6=false"
         ],
         "{name}"
     );
@@ -652,7 +653,7 @@ async fn a_server_side_dry_run_returns_the_injected_pod_and_creates_nothing() ->
             "-x",
             "$(KIPS_RELAY_CONNECTION_STRING)",
             "-L",
-            "0.0.0.0:15100/port8080:api"
+            "0.0.0.0:15100/8080:api"
         ]
     );
     assert_eq!(
@@ -661,7 +662,8 @@ async fn a_server_side_dry_run_returns_the_injected_pod_and_creates_nothing() ->
             "init-net",
             "--redirect",
             "8080/tcp=15100",
-            "--node-ips=$(KIPS_NODE_IPS)"
+            "--node-ips=$(KIPS_NODE_IPS)",
+            "--ipv6=false"
         ]
     );
     assert_eq!(injection_status(&answer)?["portMode"], "iptables");
@@ -934,7 +936,7 @@ async fn a_statefulset_annotated_with_a_bare_port_uses_its_own_name_as_the_relay
                 "-x",
                 "$(KIPS_RELAY_CONNECTION_STRING)",
                 "-L",
-                "0.0.0.0:15100/port5432:db"
+                "0.0.0.0:15100/5432:db"
             ]
         );
         assert_eq!(
@@ -943,7 +945,8 @@ async fn a_statefulset_annotated_with_a_bare_port_uses_its_own_name_as_the_relay
                 "init-net",
                 "--redirect",
                 "5432/tcp=15100",
-                "--node-ips=$(KIPS_NODE_IPS)"
+                "--node-ips=$(KIPS_NODE_IPS)",
+                "--ipv6=false"
             ]
         );
     }
@@ -987,7 +990,7 @@ async fn a_redirect_written_into_the_pod_template_is_injected_and_never_touched_
                 "-x",
                 "$(KIPS_RELAY_CONNECTION_STRING)",
                 "-L",
-                "0.0.0.0:15100/port8080:web"
+                "0.0.0.0:15100/8080:web"
             ]
         );
         assert_eq!(
@@ -1051,15 +1054,15 @@ const MULTI_BRIDGE_ARGS: [&str; 10] = [
     "-x",
     "$(KIPS_RELAY_CONNECTION_STRING)",
     "-L",
-    "0.0.0.0:15100/port8080;0.0.0.0:15102/port9090:api",
+    "0.0.0.0:15100/8080;0.0.0.0:15102/9090:api",
     "-L",
-    "0.0.0.0:15103/port9100:metrics",
+    "0.0.0.0:15103/9100:metrics",
     "-L",
-    "0.0.0.0:15104U/port5353-udp:dns",
+    "0.0.0.0:15104U/5353.udp:dns",
     "-T",
-    "db:port5432/postgres.data.svc:5432",
+    "db:5432/postgres.data.svc:5432",
 ];
-const MULTI_INIT_ARGS: [&str; 10] = [
+const MULTI_INIT_ARGS: [&str; 11] = [
     "init-net",
     "--redirect",
     "8080/tcp=15100",
@@ -1070,6 +1073,7 @@ const MULTI_INIT_ARGS: [&str; 10] = [
     "--redirect",
     "5353/udp=15104",
     "--node-ips=$(KIPS_NODE_IPS)",
+    "--ipv6=false",
 ];
 
 /// A named-mode pod (two named ports, one UDP, probes naming the port) with a reverse entry.
@@ -1210,9 +1214,9 @@ async fn injected_pods_pass_the_api_servers_validation_in_every_mode() -> Result
             "-L",
             "0.0.0.0:15100/http:api",
             "-L",
-            "0.0.0.0:15101U/dns-udp:dns",
+            "0.0.0.0:15101U/dns.udp:dns",
             "-T",
-            "db:port5432/postgres.data.svc:5432",
+            "db:5432/postgres.data.svc:5432",
         ]
     );
     let app = container(&pod, "app")?;
@@ -1268,7 +1272,7 @@ async fn injected_pods_pass_the_api_servers_validation_in_every_mode() -> Result
             "-x",
             "$(KIPS_RELAY_CONNECTION_STRING)",
             "-T",
-            "db:port5432/postgres.data.svc:5432"
+            "db:5432/postgres.data.svc:5432"
         ]
     );
     ensure_same_injection(&pod, &made)?;

@@ -107,7 +107,9 @@ async fn kips_event(client: &Client, ns: &str, name: &str, reason: &str) -> Resu
 
 /// `kips connect deployment/api --connection-string-from-secret` with the stand-in azbridge
 /// (tests/fixtures/dev/fake-azbridge): returns the arguments it got, after Ctrl-C.
-async fn connect_with_fake_azbridge(cp: &ControlPlane, ns: &str) -> Result<Vec<String>> {
+/// Runs `kips connect` with the stand-in azbridge; returns the stand-in's arguments and the
+/// configuration file it was given (`-f`).
+async fn connect_with_fake_azbridge(cp: &ControlPlane, ns: &str) -> Result<(Vec<String>, String)> {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir()?;
     let fake = dir.path().join("azbridge");
@@ -161,7 +163,14 @@ async fn connect_with_fake_azbridge(cp: &ControlPlane, ns: &str) -> Result<Vec<S
     };
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
     ensure!(status.success(), "kips connect exited with {status}");
-    Ok(args)
+    let mut config = String::new();
+    for entry in std::fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "config") {
+            config = std::fs::read_to_string(&path)?;
+        }
+    }
+    Ok((args, config))
 }
 
 #[tokio::test]
@@ -302,16 +311,18 @@ async fn redirect_and_revert_follow_the_rollout_and_status_shows_it() -> Result<
     let (stdout, stderr) = text(&connect);
     ensure!(connect.status.success(), "{stdout}{stderr}");
     ensure!(
-        stdout.contains("azbridge -x <redacted> -T api:port8080/localhost:8080"),
+        stdout.contains("azbridge -f '<config.yml>' -T api:8080/localhost:8080"),
         "{stdout}"
     );
     ensure!(!stdout.contains("e2e-s3cr3t"), "the secret leaked");
 
     // ... and runs azbridge (the stand-in) with the connection string read from the Secret.
-    let args = connect_with_fake_azbridge(cp, &ns).await?;
+    let (args, config) = connect_with_fake_azbridge(cp, &ns).await?;
+    assert_eq!(args[0], "-f");
+    assert_eq!(args[2..], ["-T", "api:8080/localhost:8080"]);
     assert_eq!(
-        args,
-        ["-x", CONNECTION_STRING, "-T", "api:port8080/localhost:8080"]
+        config,
+        format!("AzureRelayConnectionString: '{CONNECTION_STRING}'\n")
     );
 
     let on = kips_event(&client, &ns, "api", "RedirectOn").await?;
@@ -505,6 +516,46 @@ async fn a_missing_relay_secret_is_warned_about_and_stops_the_wait() -> Result<(
     ensure!(
         started.elapsed() < Duration::from_secs(30),
         "it waited for the timeout"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_relay_secret_ending_in_a_newline_is_warned_about_once() -> Result<()> {
+    let env = env().await?;
+    let cp = env.cp;
+    let client = cp.client()?;
+    let ns = cp.create_namespace("dev-newline").await?;
+    // `echo ... > file; kubectl create secret --from-file`: the value ends in a newline,
+    // which azbridge signs with (401 in the sidecar while the laptop trims it).
+    create_relay_secret(&client, &ns, &format!("{CONNECTION_STRING}\n")).await?;
+    let api = Api::<Deployment>::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &deployment("api", 1, 8080))
+        .await?;
+    api.create(&PostParams::default(), &deployment("web", 1, 8080))
+        .await?;
+    let expected = format!(
+        "kips: the connectionString of Secret \"kips-relay\" in namespace \"{ns}\" ends in a newline: azbridge signs with it as it is and the relay refuses it (401); recreate it with --from-literal"
+    );
+
+    // kubectl annotate: the webhook says so at once.
+    let warnings = annotate::<Deployment>(
+        &client,
+        &ns,
+        "api",
+        &[("kips.io/redirect", Some("api:8080"))],
+    )
+    .await?
+    .warnings;
+    ensure!(warnings.contains(&expected), "warnings: {warnings:?}");
+
+    // kips redirect prints it once (its own check and the webhook's agree word for word).
+    let redirect = kips(cp, &["redirect", "deploy/web", "8080", "-n", &ns]).await?;
+    let (stdout, stderr) = text(&redirect);
+    ensure!(redirect.status.success(), "{stdout}{stderr}");
+    ensure!(
+        stderr.matches(&format!("Warning: {expected}")).count() == 1,
+        "{stderr}"
     );
     Ok(())
 }

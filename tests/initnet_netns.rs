@@ -236,10 +236,17 @@ struct Listeners {
 impl Listeners {
     /// The app on 8080 and the sidecar stand-in on its listen ports, TCP and UDP, dual-stack.
     fn start(pod: &Netns) -> Listeners {
+        Self::start_with(pod, "::")
+    }
+
+    /// The same, with the sidecar bound to `sidecar_address` (`0.0.0.0`: IPv4 only, as
+    /// azbridge binds).
+    fn start_with(pod: &Netns, sidecar_address: &'static str) -> Listeners {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (port, name) in [(APP_PORT, "app"), (TCP_LISTEN, "sidecar")] {
-            let listener = pod.enter(move || TcpListener::bind(("::", port)).unwrap());
+            let address = if name == "app" { "::" } else { sidecar_address };
+            let listener = pod.enter(move || TcpListener::bind((address, port)).unwrap());
             listener.set_nonblocking(true).unwrap();
             let stop = stop.clone();
             threads.push(thread::spawn(move || {
@@ -258,7 +265,8 @@ impl Listeners {
             }));
         }
         for (port, name) in [(APP_PORT, "app"), (UDP_LISTEN, "sidecar")] {
-            let socket = pod.enter(move || UdpSocket::bind(("::", port)).unwrap());
+            let address = if name == "app" { "::" } else { sidecar_address };
+            let socket = pod.enter(move || UdpSocket::bind((address, port)).unwrap());
             socket
                 .set_read_timeout(Some(Duration::from_millis(20)))
                 .unwrap();
@@ -415,6 +423,65 @@ fn redirects_inbound_traffic_only(backend: &str) {
         "sidecar",
         "after the rerun"
     );
+}
+
+/// What a TCP client gets: the answer, or the error's kind (a reset shows as refused).
+fn tcp_outcome(netns: &Netns, from: &'static str, to: &'static str) -> Result<String, ErrorKind> {
+    netns.enter(move || {
+        let to = SocketAddr::new(ip(to), APP_PORT);
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(ip(from), 0).into()).unwrap();
+        socket
+            .connect_timeout(&to.into(), Duration::from_secs(3))
+            .map_err(|e| e.kind())?;
+        let mut answer = String::new();
+        std::net::TcpStream::from(socket)
+            .read_to_string(&mut answer)
+            .map_err(|e| e.kind())?;
+        Ok(answer)
+    })
+}
+
+#[test]
+fn with_an_ipv4_only_bridge_ipv6_keeps_reaching_the_app() {
+    if !ready() {
+        return;
+    }
+    // azbridge binds 0.0.0.0 only: a redirect of IPv6 to its port leads nowhere.
+    let lab = Lab::new("v4bridge");
+    let _listeners = Listeners::start_with(&lab.pod, "0.0.0.0");
+    assert_success(&lab.init_net(&["--backend", "nft"]));
+    assert_eq!(
+        tcp_outcome(&lab.client, CLIENT[1], POD[1]),
+        Err(ErrorKind::ConnectionRefused),
+        "IPv6 redirected to a port nothing listens on"
+    );
+
+    // With --ipv6=false (what the webhook renders for azbridge): IPv4 still goes to the
+    // sidecar, IPv6 reaches the app, and no ip6tables rule is written.
+    let lab = Lab::new("v4only");
+    let _listeners = Listeners::start_with(&lab.pod, "0.0.0.0");
+    let output = lab.init_net(&["--backend", "nft", "--ipv6=false"]);
+    assert_success(&output);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no IPv6 rules (--ipv6=false"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        tcp_outcome(&lab.client, CLIENT[0], POD[0]),
+        Ok("sidecar".to_owned())
+    );
+    assert_eq!(
+        tcp_outcome(&lab.client, CLIENT[1], POD[1]),
+        Ok("app".to_owned())
+    );
+    assert_eq!(
+        who_answers(&lab.client, Proto::Udp, Some(CLIENT[1]), POD[1]),
+        "app"
+    );
+    assert!(lab.pod.kips_rules("ip6tables", "nft").is_empty());
+    assert_eq!(lab.pod.kips_rules("iptables", "nft"), expected_rules(0));
 }
 
 #[test]

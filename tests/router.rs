@@ -61,6 +61,8 @@ fn patch(response: &Value) -> Option<json_patch::Patch> {
 #[derive(Debug, PartialEq, Eq)]
 enum Expect {
     Patched,
+    /// Patched, with a warning that says this.
+    PatchedWarned(&'static str),
     Allowed,
     /// Allowed unpatched, with a warning that says why.
     Warned(&'static str),
@@ -73,11 +75,23 @@ async fn every_fixture_gets_its_answer_and_a_second_admission_changes_nothing() 
     let expected = [
         ("daemonset-create", Expect::Patched),
         ("deployment-annotate", Expect::Patched),
+        // `8080` takes the relay `api` (the workload's name), which the reverse entry uses.
+        (
+            "deployment-both-ways",
+            Expect::Denied(
+                "kips.io/reverse: \"api=db.shop.svc:5432\": relay \"api\" is also used by kips.io/redirect (\"8080\" takes the workload's name, api, as its relay)",
+            ),
+        ),
         ("deployment-invalid", Expect::Denied("kips.io/redirect")),
         ("deployment-remove-annotation", Expect::Patched),
+        (
+            "deployment-udp",
+            Expect::PatchedWarned("azbridge stops forwarding UDP"),
+        ),
         ("pod-bare-invalid", Expect::Warned("kips: pod not injected")),
         ("pod-deployment-typical", Expect::Patched),
         ("pod-hostnetwork", Expect::Warned("hostNetwork")),
+        ("pod-names-that-collided", Expect::Patched),
         ("pod-no-annotations", Expect::Allowed),
         ("pod-statefulset-named", Expect::Patched),
         ("pod-two-redirects-reverse", Expect::Patched),
@@ -104,11 +118,19 @@ async fn every_fixture_gets_its_answer_and_a_second_admission_changes_nothing() 
             "{name}"
         );
         let allowed = response["response"]["allowed"] == true;
-        let warnings = response["response"]["warnings"].to_string();
+        let warnings: Vec<&str> = response["response"]["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let warnings = warnings.join("\n");
         match expect {
             Expect::Denied(part) => {
                 assert!(!allowed, "{name}: {response}");
-                let message = response["response"]["status"]["message"].to_string();
+                let message = response["response"]["status"]["message"]
+                    .as_str()
+                    .unwrap_or_default();
                 assert!(message.contains(part), "{name}: {message}");
                 continue;
             }
@@ -121,11 +143,19 @@ async fn every_fixture_gets_its_answer_and_a_second_admission_changes_nothing() 
                 continue;
             }
             Expect::Patched => assert!(allowed, "{name}: {response}"),
+            Expect::PatchedWarned(part) => {
+                assert!(allowed, "{name}: {response}");
+                assert!(warnings.contains(part), "{name}: {warnings}");
+            }
         }
         let ops = patch(&response).unwrap_or_else(|| panic!("{name}: no patch: {response}"));
         let mut object = request["request"]["object"].clone();
         json_patch::patch(&mut object, &ops)
             .unwrap_or_else(|e| panic!("{name}: the patch does not apply: {e}"));
+
+        if let Some(names) = duplicate_binding_names(&object) {
+            panic!("{name}: a relay's bindings share names {names:?}: {object}");
+        }
 
         let mut again = request.clone();
         again["request"]["object"] = object.clone();
@@ -138,6 +168,36 @@ async fn every_fixture_gets_its_answer_and_a_second_admission_changes_nothing() 
         assert!(patch(&second).is_none(), "{name}: patched twice: {second}");
     }
     Ok(())
+}
+
+/// The binding names of the sidecar's `-L` expressions that occur twice on one relay (a
+/// laptop `-T` holding a name twice makes azbridge exit); `None` when all are distinct.
+fn duplicate_binding_names(pod: &Value) -> Option<Vec<String>> {
+    let containers = pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .chain(pod["spec"]["containers"].as_array())
+        .flatten();
+    let bridge = containers
+        .into_iter()
+        .find(|c| c["name"] == "kips-bridge")?;
+    let args: Vec<&str> = bridge["args"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut duplicates = Vec::new();
+    for pair in args.windows(2).filter(|w| w[0] == "-L") {
+        let (bindings, _relay) = pair[1].rsplit_once(':')?;
+        let mut seen = std::collections::BTreeSet::new();
+        for binding in bindings.split(';') {
+            let name = binding.rsplit_once('/').map_or(binding, |(_, n)| n);
+            if !seen.insert(name) {
+                duplicates.push(name.to_owned());
+            }
+        }
+    }
+    (!duplicates.is_empty()).then_some(duplicates)
 }
 
 #[tokio::test]

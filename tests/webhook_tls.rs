@@ -115,7 +115,8 @@ async fn fixtures_are_admitted(http2: bool) -> Result<()> {
             "init-net",
             "--redirect",
             "8080/tcp=15101",
-            "--node-ips=$(KIPS_NODE_IPS)"
+            "--node-ips=$(KIPS_NODE_IPS)",
+            "--ipv6=false"
         ]
     );
     assert_eq!(
@@ -124,7 +125,7 @@ async fn fixtures_are_admitted(http2: bool) -> Result<()> {
             "-x",
             "$(KIPS_RELAY_CONNECTION_STRING)",
             "-L",
-            "0.0.0.0:15101/port8080:checkout"
+            "0.0.0.0:15101/8080:checkout"
         ]
     );
     assert_eq!(containers(&pod).len(), 5);
@@ -188,11 +189,11 @@ async fn fixtures_are_admitted(http2: bool) -> Result<()> {
             "-L",
             "0.0.0.0:15102/http:orders",
             "-L",
-            "0.0.0.0:15103/port9000:orders-grpc",
+            "0.0.0.0:15103/9000:orders-grpc",
             "-L",
-            "0.0.0.0:15104U/port5353-udp:dns",
+            "0.0.0.0:15104U/5353.udp:dns",
             "-T",
-            "inventory:port8080/inventory.shop.svc:8080",
+            "inventory:8080/inventory.shop.svc:8080",
         ]
     );
     let env = &container(&pod, "kips-bridge").env.as_ref().unwrap()[0];

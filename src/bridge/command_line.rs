@@ -177,11 +177,11 @@ mod tests {
             laptop_args(&ports, &reverses),
             [
                 "-T",
-                "api:port8080/localhost:8080;grpc/localhost:9090",
+                "api:8080/localhost:8080;grpc/localhost:9090",
                 "-T",
-                "dns:dns-udp/localhost:5353U",
+                "dns:dns.udp/localhost:5353U",
                 "-L",
-                "127.77.0.1:5432/port5432:db",
+                "127.77.0.1:5432/5432:db",
             ]
         );
     }
@@ -209,8 +209,8 @@ mod tests {
         );
         assert_eq!(cluster[3], "0.0.0.0:15100/http:api");
         assert_eq!(laptop[1], "api:http/localhost:3000");
-        assert_eq!(cluster[5], "db:port5432/pg:5432");
-        assert_eq!(laptop[3], "127.77.0.2:5432/port5432:db");
+        assert_eq!(cluster[5], "db:5432/pg:5432");
+        assert_eq!(laptop[3], "127.77.0.2:5432/5432:db");
     }
 
     #[test]
@@ -239,13 +239,13 @@ mod tests {
                 "-x",
                 "$(KIPS_RELAY_CONNECTION_STRING)",
                 "-L",
-                "0.0.0.0:15100/port8080;0.0.0.0:15102/grpc:api",
+                "0.0.0.0:15100/8080;0.0.0.0:15102/grpc:api",
                 "-L",
-                "0.0.0.0:15101U/dns-udp:dns",
+                "0.0.0.0:15101U/dns.udp:dns",
                 "-T",
-                "db:port5432/postgres.data.svc:5432",
+                "db:5432/postgres.data.svc:5432",
                 "-T",
-                "web:port80/10.0.0.7:80",
+                "web:80/10.0.0.7:80",
             ]
         );
     }

@@ -9,25 +9,26 @@ use std::fmt;
 use k8s_openapi::api::core::v1::PodSpec;
 
 use crate::annotations::{
-    KipsAnnotations, PortRef, Protocol, Redirect, RelayName, RelayNameError, RenamedPort, Reverse,
-    is_kips_container,
+    KipsAnnotations, PortRef, Protocol, REDIRECT, REVERSE, Redirect, RelayName, RelayNameError,
+    RenamedPort, Reverse, is_kips_container, render_list,
 };
 
 /// The name that ties an `-L` binding of one side to a `-T` binding of the other; azbridge
-/// sends it in the preamble of every connection.
+/// sends it in the preamble of every connection, and a `-T` holding one name twice makes
+/// azbridge exit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BindingName(String);
 
 impl BindingName {
-    /// The binding name of a redirected port: `port8080`, `http`, `dns-udp`.
+    /// The binding name of a redirected port: the port as the annotation names it, with
+    /// `.udp` for UDP (`8080`, `http`, `53.udp`, `dns.udp`). Distinct redirects get distinct
+    /// names by construction: a number is digits only, a port name begins with a letter, and
+    /// neither holds a `.` (the grammar refuses the same port twice per protocol).
     pub fn of(port: &PortRef, protocol: Protocol) -> Self {
-        let base = match port {
-            PortRef::Number(n) => format!("port{n}"),
-            PortRef::Name(name) => name.clone(),
-        };
+        let base = port.to_string();
         Self(match protocol {
             Protocol::Tcp => base,
-            Protocol::Udp => format!("{base}-udp"),
+            Protocol::Udp => format!("{base}.udp"),
         })
     }
 
@@ -231,7 +232,143 @@ impl ReverseRoute {
     }
 }
 
-/// Every route of a workload's annotations.
+/// The reverse routes of a workload's annotations.
 pub fn reverse_routes(annotations: &KipsAnnotations) -> Vec<ReverseRoute> {
     annotations.reverses.iter().map(ReverseRoute::new).collect()
+}
+
+/// A relay asked to carry both directions. The relay balances every connection across all
+/// its listeners, so the sidecar's own `-L` connections would land on its own `-T` about half
+/// of the time, and the laptop's on the laptop: traffic fails both ways.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{REVERSE}: \"{reverses}\": relay \"{relay}\" is also used by {REDIRECT} (\"{redirect}\"{}); a relay carries one direction (expected a relay name not used in {REDIRECT})",
+    if *.defaulted { format!(" takes the workload's name, {}, as its relay", .relay) } else { String::new() }
+)]
+pub struct RelayBothWays {
+    /// The whole `kips.io/reverse` value.
+    pub reverses: String,
+    pub relay: RelayName,
+    /// The redirect entry that uses the relay.
+    pub redirect: Redirect,
+    /// The redirect names no relay: it took the workload's name.
+    pub defaulted: bool,
+}
+
+/// Checks that no relay carries both a redirect and a reverse entry, with every redirect's
+/// relay resolved (a redirect without one takes the workload's name).
+pub fn check_one_way(
+    annotations: &KipsAnnotations,
+    routes: &[RedirectRoute],
+) -> Result<(), RelayBothWays> {
+    for reverse in &annotations.reverses {
+        let shared = annotations
+            .redirects
+            .iter()
+            .zip(routes)
+            .find(|(_, route)| route.relay == reverse.relay);
+        if let Some((redirect, route)) = shared {
+            return Err(RelayBothWays {
+                reverses: render_list(&annotations.reverses),
+                relay: route.relay.clone(),
+                redirect: redirect.clone(),
+                defaulted: redirect.relay.is_none(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::REDIRECT;
+    use proptest::prelude::*;
+
+    fn annotations(pairs: &[(&str, &str)]) -> KipsAnnotations {
+        KipsAnnotations::parse(pairs.iter().copied()).unwrap()
+    }
+
+    fn routes(kips: &KipsAnnotations, workload: &str) -> Vec<RedirectRoute> {
+        kips.redirects
+            .iter()
+            .map(|r| RedirectRoute::new(r, Some(workload)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_defaulted_relay_may_not_also_carry_a_reverse_entry() {
+        let kips = annotations(&[(REDIRECT, "8080"), (REVERSE, "api=db.shop.svc:5432")]);
+        let err = check_one_way(&kips, &routes(&kips, "api")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kips.io/reverse: \"api=db.shop.svc:5432\": relay \"api\" is also used by kips.io/redirect (\"8080\" takes the workload's name, api, as its relay); a relay carries one direction (expected a relay name not used in kips.io/redirect)"
+        );
+        check_one_way(&kips, &routes(&kips, "web")).unwrap();
+    }
+
+    #[test]
+    fn the_names_of_the_issue_are_distinct() {
+        // A port named like a number's old binding name, and a TCP port named like a UDP one.
+        let names: Vec<BindingName> = [
+            (PortRef::Name("port8080".into()), Protocol::Tcp),
+            (PortRef::Number(8080), Protocol::Tcp),
+            (PortRef::Name("dns-udp".into()), Protocol::Tcp),
+            (PortRef::Name("dns".into()), Protocol::Udp),
+            (PortRef::Number(53), Protocol::Udp),
+            (PortRef::Number(53), Protocol::Tcp),
+        ]
+        .iter()
+        .map(|(p, proto)| BindingName::of(p, *proto))
+        .collect();
+        let texts: Vec<String> = names.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            ["port8080", "8080", "dns-udp", "dns.udp", "53.udp", "53"]
+        );
+    }
+
+    fn port_ref() -> impl Strategy<Value = PortRef> {
+        prop_oneof![
+            (1u16..=65535).prop_map(PortRef::Number),
+            "[a-z]([a-z0-9]{0,5}-?[a-z0-9]{1,6})?".prop_map(PortRef::Name),
+            // Names that look like numbers' or UDP ports' names in other schemes.
+            (1u16..=65535).prop_map(|n| PortRef::Name(format!("port{n}"))),
+            "[a-z]{1,6}".prop_map(|n| PortRef::Name(format!("{n}-udp"))),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the annotations, the binding names of one relay are unique: a `-T` with a
+        /// name twice makes azbridge exit.
+        #[test]
+        fn binding_names_are_unique_per_relay(
+            entries in proptest::collection::vec(
+                (prop_oneof![Just(None), Just(Some("a")), Just(Some("b"))], port_ref(), any::<bool>()),
+                1..12,
+            )
+        ) {
+            let value = entries
+                .iter()
+                .map(|(relay, port, udp)| {
+                    let relay = relay.map(|r| format!("{r}:")).unwrap_or_default();
+                    format!("{relay}{port}{}", if *udp { "/udp" } else { "" })
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            // Values the grammar refuses (the same port twice) never reach the bridge.
+            let Ok(kips) = KipsAnnotations::parse([(REDIRECT, value.as_str())]) else {
+                return Ok(());
+            };
+            let routes = routes(&kips, "workload");
+            for (i, a) in routes.iter().enumerate() {
+                for b in &routes[i + 1..] {
+                    prop_assert!(
+                        a.relay != b.relay || a.name != b.name,
+                        "{value}: {} and {} share {} on {}", a.port, b.port, a.name, a.relay
+                    );
+                }
+            }
+        }
+    }
 }

@@ -38,6 +38,17 @@ pub(super) struct InitNetArgs {
             .map(|name| name.parse::<BackendChoice>().expect("a listed backend"))
     )]
     backend: BackendChoice,
+    /// Redirect IPv6 too. `false` when the sidecar's bridge listens on IPv4 only (azbridge):
+    /// IPv6 clients then keep reaching the app instead of a port nothing listens on.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = ArgAction::Set
+    )]
+    ipv6: bool,
     /// Print the iptables-restore input for both families and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -58,6 +69,7 @@ impl InitNetArgs {
             node_ips: self.node_ips.0,
             exclude_gateway: self.exclude_gateway,
             backend: self.backend,
+            ipv6: self.ipv6,
             dry_run: self.dry_run,
         }
     }

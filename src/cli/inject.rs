@@ -6,7 +6,8 @@ use clap::Args;
 
 use super::UsageError;
 use crate::annotations::{PortMode, is_dns_subdomain};
-use crate::inject::{DEFAULT_LISTEN_PORT_BASE, DEFAULT_RELAY_SECRET, InjectConfig};
+use crate::bridge::DEFAULT_RELAY_SECRET;
+use crate::inject::{DEFAULT_LISTEN_PORT_BASE, InjectConfig};
 use crate::manifest::InjectCommand;
 
 #[derive(Debug, Clone, Args)]
@@ -52,6 +53,7 @@ impl InjectArgs {
             listen_port_base: self.listen_port_base,
             native_sidecar: self.native_sidecar,
             default_port_mode: self.default_port_mode,
+            ..InjectConfig::default()
         })
     }
 }

@@ -19,7 +19,8 @@ use super::hosts::{self, HostsFile};
 use super::laptop::{self, LaptopPlan, Printable};
 use crate::annotations::{InjectionStatus, STATUS};
 use crate::bridge::CONNECTION_STRING_ENV;
-use crate::inject::{AZBRIDGE_VERSION, CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
+use crate::bridge::{CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
+use crate::inject::AZBRIDGE_VERSION;
 use crate::k8s::Kube;
 use crate::workload::Workload;
 
@@ -117,7 +118,10 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         plan_with(&BTreeSet::new())?
     };
 
-    let mut azbridge_args = vec!["-x".to_owned(), connection_string];
+    // The connection string goes through a file only this user can read, never argv (which
+    // every user of the machine sees in `ps`); it is removed when kips connect ends.
+    let config = ConfigFile::write(&connection_string)?;
+    let mut azbridge_args = vec!["-f".to_owned(), config.path.display().to_string()];
     azbridge_args.extend(plan.args());
     println!(
         "kips connect {label}: starting {}",
@@ -150,6 +154,7 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
             return Err(error);
         }
     };
+    let tail = OutputTail::follow(&mut child);
     let outcome = tokio::select! {
         status = child.wait() => Outcome::Exited(status),
         _ = interrupt.recv() => Outcome::Signal("SIGINT"),
@@ -164,17 +169,133 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         }
         Outcome::Exited(status) => {
             let status = status.context("waiting for azbridge")?;
-            let code = exit_code(status);
-            eprintln!("kips connect: azbridge exited ({status}); stopping");
+            // azbridge exits 0 whatever went wrong (a refused key, an unknown hybrid
+            // connection, a port in use): any exit kips did not ask for is a failure.
+            let code = match exit_code(status) {
+                0 => 1,
+                code => code,
+            };
+            let lines = tail.finish().await;
+            eprintln!(
+                "kips connect: azbridge exited by itself ({status}), so the connection is gone; {}",
+                if lines.is_empty() {
+                    "it printed nothing".to_owned()
+                } else {
+                    format!("its last lines:\n{}", lines.join("\n"))
+                }
+            );
             code
         }
     };
     guard.restore();
+    drop(config);
     if code != 0 {
-        // azbridge's status is ours; everything is cleaned up by now.
+        // Everything is cleaned up by now (the exit skips destructors).
         std::process::exit(code);
     }
     Ok(())
+}
+
+/// A file holding azbridge's configuration (`AzureRelayConnectionString`), readable by this
+/// user alone, in a directory of its own; both removed on drop.
+struct ConfigFile {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ConfigFile {
+    fn write(connection_string: &str) -> Result<Self> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("kips-connect-{}-{:x}", std::process::id(), nanos()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let file = Self {
+            path: dir.join("azbridge_config.yml"),
+            dir,
+        };
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file.path)
+            .with_context(|| format!("creating {}", file.path.display()))?;
+        out.write_all(azbridge_config(connection_string).as_bytes())
+            .with_context(|| format!("writing {}", file.path.display()))?;
+        Ok(file)
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// azbridge's YAML configuration with the connection string, single-quoted (a `'` is written
+/// twice), so that `;`, `=` and `:` stay part of the value.
+fn azbridge_config(connection_string: &str) -> String {
+    format!(
+        "AzureRelayConnectionString: '{}'\n",
+        connection_string.replace('\'', "''")
+    )
+}
+
+/// Copies the child's output to ours line by line, keeping the last lines for the message
+/// when it dies.
+struct OutputTail {
+    lines: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl OutputTail {
+    const KEEP: usize = 20;
+
+    fn follow(child: &mut Child) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let mut readers = Vec::new();
+        let streams: [(Option<Box<dyn AsyncRead + Send + Unpin>>, bool); 2] = [
+            (child.stdout.take().map(|s| Box::new(s) as _), false),
+            (child.stderr.take().map(|s| Box::new(s) as _), true),
+        ];
+        for (stream, to_stderr) in streams {
+            let Some(stream) = stream else { continue };
+            let keep = lines.clone();
+            readers.push(tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if to_stderr {
+                        eprintln!("{line}");
+                    } else {
+                        println!("{line}");
+                    }
+                    let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
+                    if keep.len() == Self::KEEP {
+                        keep.pop_front();
+                    }
+                    keep.push_back(line);
+                }
+            }));
+        }
+        Self { lines, readers }
+    }
+
+    /// The last lines, once the child's output has ended (or a second has passed).
+    async fn finish(self) -> Vec<String> {
+        for reader in self.readers {
+            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+        }
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.iter().cloned().collect()
+    }
 }
 
 enum Outcome {
@@ -285,8 +406,14 @@ fn install_hint() -> String {
         _ => "linux-x64",
     };
     format!(
-        "azbridge (Azure Relay Bridge) is not installed: it was not found on PATH. Download a release from https://github.com/Azure/azure-relay-bridge/releases, e.g. https://github.com/Azure/azure-relay-bridge/releases/download/v{version}/azbridge.{version}-rel.{rid}.tar.gz (or the .deb/.rpm package), unpack it, and put azbridge on PATH or pass --azbridge PATH"
+        "azbridge (Azure Relay Bridge) is not installed: it was not found on PATH. Download a release from https://github.com/Azure/azure-relay-bridge/releases, e.g. https://github.com/Azure/azure-relay-bridge/releases/download/v{version}/{}, unpack it, and put azbridge on PATH or pass --azbridge PATH",
+        release_asset(version, rid)
     )
+}
+
+/// The name of azbridge's release tarball for a runtime id (`linux-x64`, `osx-arm64`, ...).
+fn release_asset(version: &str, rid: &str) -> String {
+    format!("azbridge.{version}.{rid}.tar.gz")
 }
 
 /// `--azbridge PATH`, else `azbridge` on PATH.
@@ -326,6 +453,8 @@ fn spawn(program: &Path, args: &[String]) -> Result<Child> {
     command
         .args(args)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     #[cfg(target_os = "linux")]
     unsafe {
@@ -397,7 +526,7 @@ fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
         .azbridge
         .as_ref()
         .map_or_else(|| "azbridge".to_owned(), |p| p.display().to_string());
-    let mut azbridge_args = vec!["-x".to_owned(), "<redacted>".to_owned()];
+    let mut azbridge_args = vec!["-f".to_owned(), "<config.yml>".to_owned()];
     azbridge_args.extend(plan.args());
     println!("# kips connect {label}");
     println!(
@@ -406,6 +535,9 @@ fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
             program: &program,
             args: &azbridge_args
         }
+    );
+    println!(
+        "#   <config.yml>: AzureRelayConnectionString: '<connection string>' (a file only you can read; kips connect removes it when it ends)"
     );
     for line in plan.describe() {
         println!("#   {line}");
@@ -420,5 +552,46 @@ fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
         for line in block.lines().filter(|l| !l.starts_with("# kips connect ")) {
             println!("{line}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_install_hint_names_the_release_asset() {
+        assert_eq!(
+            release_asset("0.16.1", "linux-x64"),
+            "azbridge.0.16.1.linux-x64.tar.gz"
+        );
+        let hint = install_hint();
+        assert!(
+            hint.contains(&format!(
+                "/releases/download/v{AZBRIDGE_VERSION}/azbridge.{AZBRIDGE_VERSION}."
+            )),
+            "{hint}"
+        );
+        assert!(!hint.contains("-rel."), "{hint}");
+    }
+
+    #[test]
+    fn the_config_file_quotes_the_connection_string() {
+        assert_eq!(
+            azbridge_config("Endpoint=sb://x/;SharedAccessKeyName=a'b;SharedAccessKey=k="),
+            "AzureRelayConnectionString: 'Endpoint=sb://x/;SharedAccessKeyName=a''b;SharedAccessKey=k='\n"
+        );
+    }
+
+    #[test]
+    fn the_config_file_is_the_users_alone_and_goes_away() {
+        use std::os::unix::fs::PermissionsExt;
+        let file = ConfigFile::write("Endpoint=sb://x/").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file.path), 0o600);
+        assert_eq!(mode(&file.dir), 0o700);
+        let (path, dir) = (file.path.clone(), file.dir.clone());
+        drop(file);
+        assert!(!path.exists() && !dir.exists());
     }
 }

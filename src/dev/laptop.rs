@@ -365,15 +365,15 @@ mod tests {
             plan.args(),
             [
                 "-T",
-                "api:port8080/localhost:8080",
+                "api:8080/localhost:8080",
                 "-T",
                 "metrics:metrics/localhost:9090",
                 "-T",
-                "dns:dns-udp/localhost:53U",
+                "dns:dns.udp/localhost:53U",
                 "-L",
-                "127.77.0.2:5432/port5432:db",
+                "127.77.0.2:5432/5432:db",
                 "-L",
-                "127.77.0.3:80/port80:ip",
+                "127.77.0.3:80/80:ip",
             ]
         );
         assert_eq!(
@@ -396,7 +396,7 @@ mod tests {
             .iter()
             .map(|p| p.route.name.to_string())
             .collect();
-        assert_eq!(names, ["port8080", "metrics", "dns-udp"]);
+        assert_eq!(names, ["8080", "metrics", "dns.udp"]);
         assert_eq!(plan.reverses.len(), 2);
         let text = plan.describe().join("\n");
         assert!(
@@ -430,7 +430,7 @@ mod tests {
                 "-T",
                 "api:http/localhost:3000",
                 "-T",
-                "dns:dns-udp/localhost:5353U"
+                "dns:dns.udp/localhost:5353U"
             ]
         );
     }
@@ -564,7 +564,7 @@ mod tests {
             "-x",
             "Endpoint=sb://x/;SharedAccessKey=secret",
             "-T",
-            "api:port80/localhost:80;b/localhost:81",
+            "api:80/localhost:80;b/localhost:81",
         ]
         .map(String::from)
         .to_vec();
@@ -575,7 +575,7 @@ mod tests {
         .to_string();
         assert_eq!(
             text,
-            "azbridge -x <redacted> -T 'api:port80/localhost:80;b/localhost:81'"
+            "azbridge -x <redacted> -T 'api:80/localhost:80;b/localhost:81'"
         );
         assert!(!text.contains("secret"));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");

@@ -15,13 +15,16 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::ListParams;
 use serde_json::Value;
 
 use crate::annotations::{
     self, KipsAnnotations, PORT_MODE, PREFIX, REDIRECT, RELAY_SECRET, REVERSE, USER_KEYS,
 };
+use crate::bridge::DEFAULT_RELAY_SECRET;
+use crate::bridge::routes::{RedirectRoute, check_one_way};
+use crate::bridge::secret::SecretState;
 use crate::k8s::{self, ClientSettings, Kube, KubeTarget};
 use crate::workload::{Workload, WorkloadKind, WorkloadRef};
 pub use laptop::PortMapping;
@@ -90,17 +93,38 @@ pub async fn connect(config: ConnectConfig) -> Result<()> {
     connect::run(config).await
 }
 
-/// Merge-patches a workload's metadata annotations; prints the API server's warnings.
+/// Merge-patches a workload's metadata annotations; prints the API server's warnings and
+/// `extra` ones of kips' own that the webhook did not already give.
 async fn patch_annotations(
     kube: &Kube,
     target: &WorkloadRef,
     annotations: BTreeMap<&str, Value>,
 ) -> Result<Workload> {
     let (object, warnings) = kube.patch_annotations(target, &annotations).await?;
-    for warning in warnings {
+    for warning in &warnings {
         eprintln!("Warning: {warning}");
     }
+    if let Some(own) = relay_secret_warning(kube, &object).await
+        && !warnings.contains(&own)
+    {
+        eprintln!("Warning: {own}");
+    }
     Ok(object)
+}
+
+/// What is wrong with the relay Secret a redirected workload's pods will read, if anything
+/// (the webhook warns too, when its cluster hooks are on; this works without them).
+async fn relay_secret_warning(kube: &Kube, object: &Workload) -> Option<String> {
+    let kips = object
+        .kips()
+        .ok()
+        .filter(KipsAnnotations::wants_injection)?;
+    let name = kips
+        .relay_secret
+        .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned());
+    // Not allowed to read Secrets, or the API server is busy: say nothing.
+    let found = kube.api::<Secret>().get_opt(&name).await.ok()?;
+    SecretState::of(found.as_ref().map(|s| s.data.as_ref())).warning(&kube.namespace, &name)
 }
 
 /// The annotations `redirect` sets, validated and normalised here with the webhook's own
@@ -124,18 +148,26 @@ pub fn redirect_annotations(config: &RedirectConfig) -> Result<BTreeMap<&'static
             config.workload
         );
     }
-    // Cross-entry rules (a relay carries one direction) are the grammar's too.
+    // Cross-entry rules (a relay carries one direction) are the grammar's too, and the
+    // routes' once a redirect without a relay takes the workload's name.
     let pairs: Vec<(&str, &str)> = out.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if let Err(errors) = KipsAnnotations::parse(pairs) {
-        bail!(
+    let kips = match KipsAnnotations::parse(pairs) {
+        Ok(kips) => kips,
+        Err(errors) => bail!(
             "{}",
             errors
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join("; ")
-        );
-    }
+        ),
+    };
+    let routes = kips
+        .redirects
+        .iter()
+        .map(|r| RedirectRoute::new(r, Some(&config.workload.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_one_way(&kips, &routes)?;
     Ok(out)
 }
 
@@ -337,6 +369,16 @@ mod tests {
         let err = redirect_annotations(&both_ways).unwrap_err();
         assert!(
             err.to_string().contains("a relay carries one direction"),
+            "{err}"
+        );
+        // A redirect without a relay takes the workload's name, which the reverse entry uses.
+        let defaulted = RedirectConfig {
+            reverse: Some("api=db.shop.svc:5432".into()),
+            ..redirect_config("deploy/api", Some("8080"))
+        };
+        let err = redirect_annotations(&defaulted).unwrap_err().to_string();
+        assert!(
+            err.starts_with("kips.io/reverse: \"api=db.shop.svc:5432\": relay \"api\""),
             "{err}"
         );
         let reverse_only = RedirectConfig {

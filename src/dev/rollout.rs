@@ -19,7 +19,7 @@ use kube::api::ListParams;
 
 use crate::annotations::{BRIDGE_CONTAINER, STATUS};
 use crate::bridge::CONNECTION_STRING_ENV;
-use crate::inject::DEFAULT_RELAY_SECRET;
+use crate::bridge::DEFAULT_RELAY_SECRET;
 use crate::k8s::{K8sError, Kube};
 use crate::workload::{Workload, WorkloadRef};
 

@@ -50,7 +50,10 @@ pub struct InitNetConfig {
     /// Traffic from the pod's default gateway reaches the app too.
     pub exclude_gateway: bool,
     pub backend: BackendChoice,
-    /// Print the iptables-restore input for both families and change nothing.
+    /// Redirect IPv6 too. Off when the sidecar's bridge listens on IPv4 only (azbridge): an
+    /// IPv6 client then keeps reaching the app instead of a port nothing listens on.
+    pub ipv6: bool,
+    /// Print the iptables-restore input and change nothing.
     pub dry_run: bool,
 }
 
@@ -82,7 +85,12 @@ pub fn run(config: InitNetConfig) -> Result<(), InitNetError> {
     }
     let plan = RulePlan::new(&exempt, &config.redirects)?;
     if config.dry_run {
-        print!("{}", plan.dry_run());
+        let families: &[Family] = if config.ipv6 {
+            &Family::ALL
+        } else {
+            &[Family::V4]
+        };
+        print!("{}", plan.dry_run(families));
         return Ok(());
     }
 
@@ -98,6 +106,12 @@ pub fn run(config: InitNetConfig) -> Result<(), InitNetError> {
     let v4 = Tool::new(backend, Family::V4);
     apply(&plan, v4)?;
 
+    if !config.ipv6 {
+        eprintln!(
+            "kips init-net: no IPv6 rules (--ipv6=false: the bridge listens on IPv4 only); IPv6 clients keep reaching the app"
+        );
+        return Ok(());
+    }
     if !system::ipv6_enabled() {
         eprintln!("kips init-net: IPv6 is off in this pod; IPv4 rules only");
         return Ok(());

@@ -18,12 +18,10 @@ pub(crate) mod workload;
 mod tests;
 
 use crate::annotations::{KipsAnnotations, PortMode, STATUS, has_kips_key, is_kips_container};
+use crate::bridge::{BridgeEngine, DEFAULT_RELAY_SECRET};
 use patch::PatchOp;
 use view::PodView;
 
-/// The Secret key that holds the Azure Relay SAS connection string.
-pub const CONNECTION_STRING_KEY: &str = "connectionString";
-pub const DEFAULT_RELAY_SECRET: &str = "kips-relay";
 pub const DEFAULT_LISTEN_PORT_BASE: u16 = 15100;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -45,6 +43,8 @@ pub struct InjectConfig {
     pub native_sidecar: bool,
     /// The port mode of workloads that do not set `kips.io/port-mode`.
     pub default_port_mode: PortMode,
+    /// The relay bridge the sidecar runs.
+    pub bridge_engine: BridgeEngine,
 }
 
 impl Default for InjectConfig {
@@ -57,6 +57,7 @@ impl Default for InjectConfig {
             listen_port_base: DEFAULT_LISTEN_PORT_BASE,
             native_sidecar: true,
             default_port_mode: PortMode::Auto,
+            bridge_engine: BridgeEngine::default(),
         }
     }
 }

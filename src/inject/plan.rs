@@ -6,10 +6,11 @@ use std::collections::BTreeSet;
 use super::InjectConfig;
 use super::ports::{ListenPortsError, PortRedirect, allocate_listen_ports};
 use super::view::{MetaView, PodView};
-use crate::annotations::{KipsAnnotations, PortMode, PortRef, Protocol};
+use crate::annotations::{KipsAnnotations, PortMode, PortRef, Protocol, Redirect};
 use crate::bridge::command_line::SidecarPort;
 use crate::bridge::routes::{
-    DeclaredPort, PortError, RedirectRoute, RelayError, ReverseRoute, resolve_port, reverse_routes,
+    DeclaredPort, PortError, RedirectRoute, RelayBothWays, RelayError, ReverseRoute, check_one_way,
+    resolve_port, reverse_routes,
 };
 
 /// Everything decided about one pod before rendering.
@@ -59,6 +60,18 @@ pub enum PlanError {
     RenameTaken { to: String, from: String },
     #[error(transparent)]
     ListenPorts(#[from] ListenPortsError),
+    /// Names its own annotation (`kips.io/reverse`), unlike the others.
+    #[error(transparent)]
+    RelayBothWays(#[from] RelayBothWays),
+    #[error(
+        "\"{first}\" and \"{second}\" both mean container port {port}/{protocol}; redirect it once"
+    )]
+    SamePort {
+        first: String,
+        second: String,
+        port: u16,
+        protocol: Protocol,
+    },
 }
 
 /// Plans the injection of `annotations` into `pod`. `workload_name` is the default relay
@@ -86,7 +99,36 @@ pub fn plan(
             }
             (PortRef::Name(_), None) => unreachable!("a port name always resolves or errs"),
         };
+        if let Some((earlier, ..)) =
+            resolved
+                .iter()
+                .find(|(r, _, port, _): &&(&Redirect, _, u16, _)| {
+                    *port == app_port && r.protocol == redirect.protocol
+                })
+        {
+            return Err(PlanError::SamePort {
+                first: earlier.to_string(),
+                second: redirect.to_string(),
+                port: app_port,
+                protocol: redirect.protocol,
+            });
+        }
         resolved.push((redirect, route, app_port, found.map(|(d, _)| d)));
+    }
+    let routes: Vec<RedirectRoute> = resolved
+        .iter()
+        .map(|(_, route, ..)| route.clone())
+        .collect();
+    check_one_way(annotations, &routes)?;
+    if !config.bridge_engine.udp_survives_failures()
+        && let Some(udp) = annotations
+            .redirects
+            .iter()
+            .find(|r| r.protocol == Protocol::Udp)
+    {
+        warnings.push(format!(
+            "kips: azbridge stops forwarding UDP (\"{udp}\") after its first failed send (no laptop listening, a route idle for 4 minutes) until the pod restarts"
+        ));
     }
 
     let requested = annotations.port_mode.unwrap_or(config.default_port_mode);

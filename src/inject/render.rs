@@ -4,23 +4,22 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, TCPSocketAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::patch::{PatchOp, add, parse_pointer, pointer, replace};
 use super::plan::Plan;
 use super::view::{PodView, PortValue};
-use super::{CONNECTION_STRING_KEY, InjectConfig, VERSION};
+use super::{InjectConfig, VERSION};
 use crate::annotations::{
-    BRIDGE_CONTAINER, INIT_CONTAINER, InjectionStatus, PortMode, Protocol, RenamedPort, STATUS,
+    BRIDGE_CONTAINER, INIT_CONTAINER, InjectionStatus, PortMode, RenamedPort, STATUS,
 };
-use crate::bridge::CONNECTION_STRING_ENV;
 use crate::bridge::command_line::sidecar_args;
+use crate::bridge::{CONNECTION_STRING_ENV, CONNECTION_STRING_KEY};
 
 /// The env var through which `kips-init` learns the node's addresses (the kubelet's probes
 /// come from there and must still reach the app).
@@ -203,21 +202,6 @@ fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
             ..Default::default()
         })
         .collect();
-    // azbridge binds its listeners only once the relay answers: until then the pod is not
-    // ready, so a rollout never replaces working pods with ones that cannot carry traffic.
-    let readiness_probe = plan
-        .ports
-        .iter()
-        .find(|p| p.bridge.route.protocol == Protocol::Tcp)
-        .map(|p| Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::Int(i32::from(p.bridge.listen_port)),
-                ..Default::default()
-            }),
-            period_seconds: Some(5),
-            failure_threshold: Some(3),
-            ..Default::default()
-        });
     Container {
         name: BRIDGE_CONTAINER.to_owned(),
         image: Some(config.bridge_image.clone()),
@@ -247,7 +231,9 @@ fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
             },
         ]),
         ports: (!ports.is_empty()).then_some(ports),
-        readiness_probe,
+        // No probe on the bridge: azbridge's `-L` port is open before the relay answers, and
+        // every TCP probe of it would open a relay connection that reaches the laptop.
+        readiness_probe: None,
         resources: Some(ResourceRequirements {
             requests: quantities(&[("cpu", "10m"), ("memory", "64Mi")]),
             limits: quantities(&[("memory", "256Mi")]),
@@ -280,6 +266,10 @@ fn init_container(plan: &Plan, config: &InjectConfig) -> Container {
         args.push(redirect.to_string());
     }
     args.push(format!("--node-ips=$({NODE_IPS_ENV})"));
+    if !config.bridge_engine.binds_ipv6() {
+        // An ip6tables redirect to a port the bridge does not listen on resets IPv6 clients.
+        args.push("--ipv6=false".to_owned());
+    }
     Container {
         name: INIT_CONTAINER.to_owned(),
         image: Some(config.init_image.clone()),

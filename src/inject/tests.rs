@@ -124,7 +124,8 @@ fn iptables_mode_injects_init_container_and_native_sidecar() {
             "8080/tcp=15101",
             "--redirect",
             "9090/tcp=15102",
-            "--node-ips=$(KIPS_NODE_IPS)"
+            "--node-ips=$(KIPS_NODE_IPS)",
+            "--ipv6=false"
         ]
     );
     let caps = init
@@ -146,7 +147,7 @@ fn iptables_mode_injects_init_container_and_native_sidecar() {
             "-x",
             "$(KIPS_RELAY_CONNECTION_STRING)",
             "-L",
-            "0.0.0.0:15101/port8080;0.0.0.0:15102/port9090:api"
+            "0.0.0.0:15101/8080;0.0.0.0:15102/9090:api"
         ]
     );
     let secret = bridge.env.as_ref().unwrap()[0]
@@ -160,6 +161,9 @@ fn iptables_mode_injects_init_container_and_native_sidecar() {
         (secret.name.as_str(), secret.key.as_str()),
         ("kips-relay", "connectionString")
     );
+    // No probe through the relay: azbridge's -L port is open before the relay answers, and
+    // each TCP probe would open a relay connection that lands on the laptop.
+    assert!(bridge.readiness_probe.is_none() && bridge.liveness_probe.is_none());
     let security = bridge.security_context.as_ref().unwrap();
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
@@ -227,7 +231,7 @@ fn named_mode_renames_the_port_and_repoints_its_probes() {
     );
     assert_eq!(
         bridge.args.as_ref().unwrap()[2..],
-        ["-L", "0.0.0.0:15101/http;0.0.0.0:15102U/dns-udp:api"]
+        ["-L", "0.0.0.0:15101/http;0.0.0.0:15102U/dns.udp:api"]
     );
     // No privilege at all: no init container.
     assert!(!init_names(&typed_pod).contains(&"kips-init"));
@@ -300,7 +304,7 @@ fn reverse_only_pods_get_a_sidecar_without_port_rewriting() {
     let bridge = container(&typed_pod, "kips-bridge");
     assert_eq!(
         bridge.args.as_ref().unwrap()[2..],
-        ["-T", "db:port5432/postgres.data.svc:5432"]
+        ["-T", "db:5432/postgres.data.svc:5432"]
     );
     assert!(bridge.ports.is_none() && bridge.readiness_probe.is_none());
     assert!(!init_names(&typed_pod).contains(&"kips-init"));
@@ -408,11 +412,7 @@ fn a_changed_redirect_is_rerendered_minimally() {
         mutation.patch
     );
     let rerendered = apply(&injected, &mutation);
-    assert!(
-        rerendered
-            .to_string()
-            .contains("0.0.0.0:15101/port8080:web")
-    );
+    assert!(rerendered.to_string().contains("0.0.0.0:15101/8080:web"));
     assert_idempotent(&rerendered);
 }
 
@@ -486,7 +486,7 @@ fn a_needed_rerender_still_keeps_what_others_added() {
     let bridge = container(&typed_pod, "kips-bridge");
     assert_eq!(
         bridge.args.as_ref().unwrap()[3],
-        "0.0.0.0:15102/port8080:api",
+        "0.0.0.0:15102/8080:api",
         "the listen port moved past 15101"
     );
     let ports: Vec<i32> = bridge
@@ -509,4 +509,57 @@ fn undeclared_numeric_ports_are_redirected_with_a_warning() {
     let mutation = admit(&pod);
     assert_eq!(mutation.effect, Effect::Injected);
     assert!(mutation.warnings[0].contains("port 7000/tcp is not declared"));
+}
+
+#[test]
+fn binding_names_stay_distinct_where_the_old_names_collided() {
+    // A port named `port8080` (9090) beside port 8080; a TCP port named `dns-udp` beside the
+    // UDP port `dns`: before, each pair shared one binding name and azbridge exited.
+    let pod = json!({
+        "metadata": {"name": "p", "annotations": {"kips.io/redirect": "api:port8080,api:8080,api:dns-udp,api:dns/udp"}},
+        "spec": {"containers": [{"name": "app", "image": "app", "ports": [
+            {"name": "port8080", "containerPort": 9090},
+            {"containerPort": 8080},
+            {"name": "dns-udp", "containerPort": 5300},
+            {"name": "dns", "containerPort": 5353, "protocol": "UDP"}
+        ]}]}
+    });
+    let typed_pod = typed(&apply(&pod, &admit(&pod)));
+    let args = container(&typed_pod, "kips-bridge").args.clone().unwrap();
+    assert_eq!(
+        args[3],
+        "0.0.0.0:15100/port8080;0.0.0.0:15101/8080;0.0.0.0:15102/dns-udp;0.0.0.0:15103U/dns.udp:api"
+    );
+}
+
+#[test]
+fn two_redirects_of_one_container_port_are_refused() {
+    // `http` is port 8080: two nat rules for one port can never both apply.
+    let pod = deployment_pod(json!({"kips.io/redirect": "api:http,web:8080"}));
+    let mutation = admit(&pod);
+    assert_eq!(mutation.effect, Effect::Skipped);
+    assert!(
+        mutation.warnings[0]
+            .contains("\"api:http\" and \"web:8080\" both mean container port 8080/tcp"),
+        "{:?}",
+        mutation.warnings
+    );
+}
+
+#[test]
+fn a_bare_pod_whose_default_relay_carries_a_reverse_entry_is_left_alone() {
+    // The Deployment `api`'s pod: `8080` takes the relay `api`, which the reverse entry uses.
+    let pod = deployment_pod(
+        json!({"kips.io/redirect": "8080", "kips.io/reverse": "api=db.shop.svc:5432"}),
+    );
+    let mutation = admit(&pod);
+    assert!(mutation.patch.is_empty());
+    assert_eq!(mutation.effect, Effect::Skipped);
+    assert!(
+        mutation.warnings[0].starts_with(
+            "kips: pod not injected: kips.io/reverse: \"api=db.shop.svc:5432\": relay \"api\""
+        ),
+        "{:?}",
+        mutation.warnings
+    );
 }

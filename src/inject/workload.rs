@@ -103,6 +103,10 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
         let workload_name = (!name.is_empty()).then_some(name);
         let plan =
             plan::plan(&template_pod, &effective, config, workload_name).map_err(|reason| {
+                // This one names its own annotation, `kips.io/reverse`.
+                if let plan::PlanError::RelayBothWays(both) = reason {
+                    return Denial(both.to_string());
+                }
                 let redirect = kips
                     .user_template()
                     .find(|(k, _)| *k == REDIRECT)
@@ -363,6 +367,38 @@ mod tests {
         assert!(denial.0.contains("remove it from the workload's metadata"));
         let denial = admit(&deployment(json!({"kips.io/redirct": "api:8080"}), None)).unwrap_err();
         assert!(denial.0.contains("did you mean kips.io/redirect?"));
+    }
+
+    #[test]
+    fn a_relay_in_both_directions_is_denied_naming_both_annotations() {
+        // The redirect's relay defaults to the workload's name, `api`.
+        let object = deployment(
+            json!({"kips.io/redirect": "8080", "kips.io/reverse": "api=db.shop.svc:5432"}),
+            None,
+        );
+        let denial = admit(&object).unwrap_err();
+        assert_eq!(
+            denial.0,
+            "kips.io/reverse: \"api=db.shop.svc:5432\": relay \"api\" is also used by kips.io/redirect (\"8080\" takes the workload's name, api, as its relay); a relay carries one direction (expected a relay name not used in kips.io/redirect)"
+        );
+    }
+
+    #[test]
+    fn udp_redirects_warn_that_azbridge_stops_after_a_failed_send() {
+        let mut object = deployment(json!({"kips.io/redirect": "dns:53/udp"}), None);
+        object["spec"]["template"]["spec"]["containers"][0]["ports"] =
+            json!([{"containerPort": 53, "protocol": "UDP"}]);
+        let mutation = admit(&object).unwrap();
+        assert!(
+            mutation
+                .warnings
+                .iter()
+                .any(|w| w.contains("azbridge stops forwarding UDP") && w.len() <= 256),
+            "{:?}",
+            mutation.warnings
+        );
+        let tcp = admit(&deployment(json!({"kips.io/redirect": "8080"}), None)).unwrap();
+        assert!(tcp.warnings.is_empty(), "{:?}", tcp.warnings);
     }
 
     #[test]

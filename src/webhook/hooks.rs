@@ -26,7 +26,8 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use super::review::{Decision, RequestInfo, Reviewed};
 use super::server::{BoxFuture, ClusterHooks};
 use crate::annotations::KipsAnnotations;
-use crate::inject::{CONNECTION_STRING_KEY, Effect, PodNeeds};
+use crate::bridge::secret::SecretState;
+use crate::inject::{Effect, PodNeeds};
 use crate::k8s::{self, ClientSettings, Kube};
 use crate::workload::WorkloadKind;
 
@@ -92,7 +93,7 @@ pub async fn hooks(config: &HooksConfig) -> Result<Option<Arc<dyn ClusterHooks>>
 pub struct KubeHooks {
     kube: Kube,
     recorder: Recorder,
-    secrets: Mutex<HashMap<(String, String), (Instant, bool)>>,
+    secrets: Mutex<HashMap<(String, String), (Instant, SecretState)>>,
     namespaces: Mutex<HashMap<String, (Instant, Option<String>)>>,
 }
 
@@ -115,28 +116,29 @@ impl KubeHooks {
         }
     }
 
-    /// Whether the Secret exists; `None` when that cannot be told in time.
-    async fn secret_exists(&self, namespace: &str, name: &str) -> Option<bool> {
+    /// What the relay Secret holds; `None` when that cannot be told in time. The value is
+    /// looked at for a trailing newline only, never kept or logged.
+    async fn secret_state(&self, namespace: &str, name: &str) -> Option<SecretState> {
         let key = (namespace.to_owned(), name.to_owned());
-        if let Some((at, exists)) = self.secrets.lock().unwrap().get(&key).copied() {
-            let ttl = if exists {
-                SECRET_FOUND_TTL
-            } else {
+        if let Some((at, state)) = self.secrets.lock().unwrap().get(&key).copied() {
+            let ttl = if state == SecretState::Missing {
                 SECRET_MISSING_TTL
+            } else {
+                SECRET_FOUND_TTL
             };
             if at.elapsed() < ttl {
-                return Some(exists);
+                return Some(state);
             }
         }
         let api = Api::<Secret>::namespaced(self.kube.client.clone(), namespace);
-        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_metadata_opt(name)).await {
+        match tokio::time::timeout(LOOKUP_TIMEOUT, api.get_opt(name)).await {
             Ok(Ok(found)) => {
-                let exists = found.is_some();
+                let state = SecretState::of(found.as_ref().map(|s| s.data.as_ref()));
                 self.secrets
                     .lock()
                     .unwrap()
-                    .insert(key, (Instant::now(), exists));
-                Some(exists)
+                    .insert(key, (Instant::now(), state));
+                Some(state)
             }
             Ok(Err(error)) => {
                 tracing::info!(%namespace, secret = %name, error = %error, "relay Secret lookup failed: no warning");
@@ -185,16 +187,13 @@ impl KubeHooks {
 pub fn warnings_for(
     namespace: &str,
     needs: &PodNeeds,
-    secret_exists: Option<bool>,
+    secret: Option<SecretState>,
     enforced_level: Option<&str>,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    if secret_exists == Some(false) {
-        out.push(format!(
-            "kips: the relay Secret \"{}\" does not exist in namespace \"{namespace}\": the redirected pods will not start until it does (key {CONNECTION_STRING_KEY})",
-            needs.relay_secret
-        ));
-    }
+    let mut out: Vec<String> = secret
+        .and_then(|state| state.warning(namespace, &needs.relay_secret))
+        .into_iter()
+        .collect();
     if needs.net_admin
         && let Some(level @ ("baseline" | "restricted")) = enforced_level
     {
@@ -226,9 +225,9 @@ impl ClusterHooks for KubeHooks {
                     None
                 }
             };
-            let (exists, level) =
-                tokio::join!(self.secret_exists(namespace, &needs.relay_secret), level);
-            warnings_for(namespace, needs, exists, level.as_deref())
+            let (secret, level) =
+                tokio::join!(self.secret_state(namespace, &needs.relay_secret), level);
+            warnings_for(namespace, needs, secret, level.as_deref())
         })
     }
 
@@ -384,6 +383,10 @@ mod tests {
     use super::*;
     use crate::annotations::REDIRECT;
 
+    const GOOD: SecretState = SecretState::Present {
+        trailing_whitespace: false,
+    };
+
     fn needs(net_admin: bool) -> PodNeeds {
         PodNeeds {
             relay_secret: "kips-relay".into(),
@@ -393,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_missing_secret_is_a_warning_and_an_unknown_one_is_not() {
-        let w = warnings_for("dev", &needs(false), Some(false), None);
+        let w = warnings_for("dev", &needs(false), Some(SecretState::Missing), None);
         assert_eq!(
             w,
             [
@@ -401,24 +404,24 @@ mod tests {
             ]
         );
         assert!(warnings_for("dev", &needs(false), None, None).is_empty());
-        assert!(warnings_for("dev", &needs(false), Some(true), None).is_empty());
+        assert!(warnings_for("dev", &needs(false), Some(GOOD), None).is_empty());
     }
 
     #[test]
     fn iptables_mode_warns_in_baseline_and_restricted_namespaces() {
         for level in ["baseline", "restricted"] {
-            let w = warnings_for("dev", &needs(true), Some(true), Some(level));
+            let w = warnings_for("dev", &needs(true), Some(GOOD), Some(level));
             assert_eq!(w.len(), 1);
             assert!(w[0].contains(&format!("Pod Security \"{level}\" in namespace \"dev\"")));
             assert!(w[0].contains("kips.io/port-mode: named"));
         }
-        assert!(warnings_for("dev", &needs(true), Some(true), Some("privileged")).is_empty());
-        assert!(warnings_for("dev", &needs(false), Some(true), Some("restricted")).is_empty());
+        assert!(warnings_for("dev", &needs(true), Some(GOOD), Some("privileged")).is_empty());
+        assert!(warnings_for("dev", &needs(false), Some(GOOD), Some("restricted")).is_empty());
         // The API server truncates warnings longer than 256 characters.
         for w in warnings_for(
             &"n".repeat(63),
             &needs(true),
-            Some(false),
+            Some(SecretState::Missing),
             Some("restricted"),
         ) {
             assert!(w.len() <= 256, "{} characters: {w}", w.len());

@@ -130,6 +130,13 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     for pod in live_pods(&client, n, "app=app").await? {
         assert_ready_without_restarts(&pod)?;
     }
+    // Pods run under the node's own cgroup root (3 pods: 3 pauses and 3 containers), which
+    // is what lets the teardown find them all.
+    let in_cgroups = cluster.pod_cgroup_processes();
+    ensure!(
+        in_cgroups >= 6,
+        "{in_cgroups} processes in the node's cgroups, expected 6 or more"
+    );
 
     // --- a Deployment rendered by `kips inject` -----------------------------------------
     create_relay_secret(

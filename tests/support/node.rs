@@ -402,6 +402,30 @@ impl Cluster {
         &self.footprint
     }
 
+    /// Processes in the node's cgroups (`/<tag>/...` of the pids hierarchy): the pods'.
+    pub fn pod_cgroup_processes(&self) -> usize {
+        let Some(root) = cgroup_mounts()
+            .into_iter()
+            .find(|m| m.ends_with("pids") || m.ends_with("unified"))
+        else {
+            return 0;
+        };
+        let mut count = 0;
+        let mut stack = vec![root.join(&self.footprint.tag)];
+        while let Some(dir) = stack.pop() {
+            count += fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .count();
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        count
+    }
+
     /// Where kubelet, containerd, kube-proxy, their configs and logs are.
     pub fn dir(&self) -> &Path {
         &self.footprint.dir

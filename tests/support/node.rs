@@ -11,6 +11,8 @@
 //! let relay = std::net::TcpListener::bind((cluster.host_address(), 0))?; // pods reach it
 //! let report = cluster.stop();                          // or drop it; both clean up
 //! report.assert_clean()?;
+//! // or one cluster per test binary, torn down (and checked) at exit:
+//! let cluster = node::shared().await?;
 //! ```
 //!
 //! # Address plan (one cluster; `N` is picked free on this machine, 0–255)
@@ -186,6 +188,20 @@ struct NodeProc {
     name: &'static str,
     child: Child,
     log: PathBuf,
+}
+
+/// One cluster shared by all tests of a test binary, started on first use and torn down
+/// when the binary exits (the `atexit` teardown, which also reports leftovers). A start
+/// failure is remembered: every later caller fails with the same message. Prefer an owned
+/// [`Cluster::start`] when a test wants [`Cluster::stop`]'s report.
+pub async fn shared() -> Result<&'static Cluster> {
+    static SHARED: tokio::sync::OnceCell<Result<Cluster, String>> =
+        tokio::sync::OnceCell::const_new();
+    SHARED
+        .get_or_init(|| async { Cluster::start().await.map_err(|e| format!("{e:#}")) })
+        .await
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("the shared node cluster did not start: {e}"))
 }
 
 /// A running one-node cluster; torn down by [`Cluster::stop`] or when dropped.
@@ -1077,7 +1093,9 @@ fn create_network() -> Result<Footprint> {
     let pid = std::process::id();
     let k = K.fetch_add(1, Ordering::Relaxed);
     let tag = format!("{TAG_PREFIX}{pid}-{k}");
-    let lock = File::create(env::temp_dir().join("kips-node-subnets.lock"))?;
+    // The lock is the netns folder itself: nothing is left behind for it.
+    fs::create_dir_all("/run/netns")?;
+    let lock = File::open("/run/netns")?;
     // SAFETY: flock on a file we own; released when `lock` is closed.
     ensure!(
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } == 0,

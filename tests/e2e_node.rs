@@ -27,6 +27,7 @@ use support::node::{self, Cluster, POD_GATEWAY};
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const KIPS: &str = env!("CARGO_BIN_EXE_kips");
 const CHILD: &str = "KIPS_NODE_CHILD_FOOTPRINT";
+const CHILD_MODE: &str = "KIPS_NODE_CHILD_MODE";
 const WAIT: Duration = Duration::from_secs(120);
 
 /// True when the suite must skip (outside CI only).
@@ -305,6 +306,10 @@ async fn a_failing_test_leaves_nothing_behind() -> Result<()> {
             .await?;
         std::fs::write(&path, serde_json::to_string(cluster.footprint())?)?;
         std::mem::forget(cluster); // as if it lived in a static
+        if std::env::var(CHILD_MODE).as_deref() == Ok("hang") {
+            // Waits to be killed (SIGKILL: no unwinding, no atexit).
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
         panic!("failing on purpose, with a node and a pod running");
     }
     if skip() {
@@ -354,6 +359,63 @@ async fn a_failing_test_leaves_nothing_behind() -> Result<()> {
         "the child's exit-time teardown did not report:\n{stderr}"
     );
     println!("node: a failed test's node was torn down at exit, nothing left behind");
+    Ok(())
+}
+
+/// A test binary killed outright (no atexit) leaves its pods and shims running; the next
+/// start's sweep removes them.
+#[tokio::test]
+async fn a_killed_test_binary_is_swept_by_the_next_start() -> Result<()> {
+    if std::env::var(CHILD).is_ok() || skip() {
+        return Ok(());
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let footprint_file = tempfile::NamedTempFile::new()?;
+    let child_log = footprint_file.path().with_extension("log");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "a_failing_test_leaves_nothing_behind",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, footprint_file.path())
+        .env(CHILD_MODE, "hang")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&child_log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let started = Instant::now();
+    let text = loop {
+        let log = || std::fs::read_to_string(&child_log).unwrap_or_default();
+        if let Some(status) = child.try_wait()? {
+            bail!("the child exited early ({status}):\n{}", log());
+        }
+        let text = std::fs::read_to_string(footprint_file.path())?;
+        if !text.is_empty() {
+            break text;
+        }
+        ensure!(
+            started.elapsed() < WAIT,
+            "the child got no pod running in {WAIT:?}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    child.kill().await?; // SIGKILL
+    let _ = std::fs::remove_file(&child_log);
+    let footprint: node::Footprint = serde_json::from_str(&text)?;
+    let left = node::leftovers(&footprint);
+    ensure!(
+        left.iter().any(|l| l.starts_with("process")),
+        "a killed run should leave its pods running until the sweep; found {left:?}"
+    );
+    tokio::task::spawn_blocking(node::sweep_stale).await?;
+    support::control_plane::sweep_stale_dirs();
+    let left = node::leftovers(&footprint);
+    ensure!(left.is_empty(), "the sweep left:\n  {}", left.join("\n  "));
+    println!("node: a killed test binary's node was swept, nothing left behind");
     Ok(())
 }
 

@@ -1093,9 +1093,9 @@ fn create_network() -> Result<Footprint> {
     let pid = std::process::id();
     let k = K.fetch_add(1, Ordering::Relaxed);
     let tag = format!("{TAG_PREFIX}{pid}-{k}");
-    // The lock is the netns folder itself: nothing is left behind for it.
-    fs::create_dir_all("/run/netns")?;
-    let lock = File::open("/run/netns")?;
+    // A lock file of its own (`ip netns add` flocks /run/netns: that one would deadlock).
+    // It stays, empty, for the next run.
+    let lock = File::create(env::temp_dir().join("kips-node-subnets.lock"))?;
     // SAFETY: flock on a file we own; released when `lock` is closed.
     ensure!(
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } == 0,

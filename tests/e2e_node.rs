@@ -30,6 +30,13 @@ const CHILD: &str = "KIPS_NODE_CHILD_FOOTPRINT";
 const CHILD_MODE: &str = "KIPS_NODE_CHILD_MODE";
 const WAIT: Duration = Duration::from_secs(120);
 
+/// A line for the run's output even when libtest captures the test's (it captures the print
+/// macros, not writes to the stderr handle): the suite's timings.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// True when the suite must skip (outside CI only).
 fn skip() -> bool {
     let Some(reason) = node::skip_reason() else {
@@ -39,7 +46,7 @@ fn skip() -> bool {
         std::env::var("CI").as_deref() != Ok("true"),
         "{reason}; CI=true does not allow skipping the node suite"
     );
-    eprintln!("\n*** SKIPPING the node suite: {reason} ***\n");
+    say(format!("\n*** SKIPPING the node suite: {reason} ***\n"));
     true
 }
 
@@ -50,11 +57,11 @@ async fn a_node_runs_services_and_a_kips_injected_pod() -> Result<()> {
     }
     let _one = ONE_CLUSTER.lock().await;
     let cluster = Cluster::start().await?;
-    println!(
+    say(format!(
         "node: node-ready {:.1} s (cluster up in {:.1} s)",
         cluster.node_ready_after().as_secs_f64(),
         cluster.started_after().as_secs_f64()
-    );
+    ));
     let outcome = scenario(&cluster).await;
     if outcome.is_err() {
         eprintln!("{}", cluster.log_tails(30));
@@ -68,7 +75,7 @@ async fn a_node_runs_services_and_a_kips_injected_pod() -> Result<()> {
     }
     outcome?;
     report.assert_clean()?;
-    println!("node: teardown left nothing behind");
+    say("node: teardown left nothing behind".into());
     Ok(())
 }
 
@@ -108,10 +115,10 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
             "--timeout=120s",
         ])
         .await?;
-    println!(
+    say(format!(
         "node: deployment-available {:.1} s",
         t0.elapsed().as_secs_f64()
-    );
+    ));
 
     let app_ip = cluster_ip(cluster, n, "app").await?;
     let first = get_from_client(cluster, n, &format!("http://{app_ip}/")).await?;
@@ -168,10 +175,10 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         .await?;
     apply(cluster, n, &[service("api")]).await?;
     rollout(cluster, n, "api").await?;
-    println!(
+    say(format!(
         "node: injected-deployment-available {:.1} s",
         t0.elapsed().as_secs_f64()
-    );
+    ));
 
     let pods = live_pods(&client, n, "app=api").await?;
     ensure!(pods.len() == 1, "expected one api pod, got {}", pods.len());
@@ -205,7 +212,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let init_log = cluster
         .kubectl(&["-n", n, "logs", &pod_name, "-c", "kips-init"])
         .await?;
-    println!("node: kips-init log:\n{init_log}");
+    say(format!("node: kips-init log:\n{init_log}"));
 
     let api_ip = cluster_ip(cluster, n, "api").await?;
     let via_service = get_from_client(cluster, n, &format!("http://{api_ip}/")).await?;
@@ -358,7 +365,7 @@ async fn a_failing_test_leaves_nothing_behind() -> Result<()> {
         )),
         "the child's exit-time teardown did not report:\n{stderr}"
     );
-    println!("node: a failed test's node was torn down at exit, nothing left behind");
+    say("node: a failed test's node was torn down at exit, nothing left behind".into());
     Ok(())
 }
 
@@ -415,7 +422,7 @@ async fn a_killed_test_binary_is_swept_by_the_next_start() -> Result<()> {
     support::control_plane::sweep_stale_dirs();
     let left = node::leftovers(&footprint);
     ensure!(left.is_empty(), "the sweep left:\n  {}", left.join("\n  "));
-    println!("node: a killed test binary's node was swept, nothing left behind");
+    say("node: a killed test binary's node was swept, nothing left behind".into());
     Ok(())
 }
 

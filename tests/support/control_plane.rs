@@ -7,6 +7,8 @@
 //!
 //! Use [`shared`] in tests: one control plane per test binary, one namespace per test
 //! ([`ControlPlane::create_namespace`]). Startup takes a few seconds.
+//! [`ControlPlane::start_with`] adds certificate names, API server flags, client identities
+//! and controllers (the test node, tests/support/node.rs, runs on one started so).
 //!
 //! Cleanup (no process may outlive the test binary, however it ends):
 //! - every child gets `PR_SET_PDEATHSIG(SIGKILL)`. The signal fires when the *thread* that

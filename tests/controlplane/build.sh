@@ -3,7 +3,8 @@
 #   etcd, kube-apiserver, kube-controller-manager (Kubernetes + etcd) and helm.
 #
 # Versions are pinned by the go.mod/go.sum files of the modules beside this script:
-#   kubernetes/  k8s.io/kubernetes (tool directives for the two control-plane commands)
+#   kubernetes/  k8s.io/kubernetes (tool directives for the control-plane commands, and for
+#                the node's, which tests/node/build.sh builds)
 #   etcd/        go.etcd.io/etcd/server/v3 (a two-line main around etcdmain)
 #   helm/        helm.sh/helm/v3 (tool directive for cmd/helm)
 #
@@ -33,7 +34,7 @@ unset GOOS GOARCH GOEXPERIMENT
 
 key=$(
   cd "$here"
-  { go version; sha256sum build.sh kubernetes/go.mod kubernetes/go.sum \
+  { go version; sha256sum build.sh kube-version.sh kubernetes/go.mod kubernetes/go.sum \
       etcd/go.mod etcd/go.sum etcd/*.go helm/go.mod helm/go.sum; } | sha256sum | cut -c1-16
 )
 out=$cache/controlplane/$key
@@ -64,14 +65,12 @@ modver() { awk -v m="$2" '$1 == m && $2 ~ /^v/ { print $2; exit }' "$here/$1/go.
 k8s=$(modver kubernetes k8s.io/kubernetes) # v1.36.3
 helm=$(modver helm helm.sh/helm/v3)        # v3.22.0
 helm_k8s=$(modver helm k8s.io/client-go)   # v0.X.Y -> Kubernetes 1.X, as helm's Makefile does
-k8s_minor=${k8s#v*.}; k8s_minor=${k8s_minor%%.*}
 helm_k8s_minor=${helm_k8s#v0.}; helm_k8s_minor=${helm_k8s_minor%%.*}
 
 # What hack/lib/version.sh and helm's Makefile stamp in; the module zips carry dummies.
-kver=""
-for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  kver+=" -X $p.gitVersion=$k8s -X $p.gitMajor=1 -X $p.gitMinor=$k8s_minor -X $p.gitTreeState=clean"
-done
+# shellcheck source=kube-version.sh
+source "$here/kube-version.sh"
+kver=$(kube_version_ldflags "$here/kubernetes/go.mod")
 hver="-X helm.sh/helm/v3/internal/version.version=$helm -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
   hver+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$helm_k8s_minor"
@@ -96,8 +95,15 @@ t0=$SECONDS
 # The three modules download and compile in parallel: downloads overlap compilation and
 # the (single-threaded) links overlap each other. The caches are safe for concurrent use.
 pids=()
-build kubernetes kubernetes "$kver" k8s.io/kubernetes/cmd/kube-apiserver \
-  k8s.io/kubernetes/cmd/kube-controller-manager &
+# tests/node/build.sh compiles the same Kubernetes packages for the node: one Kubernetes
+# build at a time, so the later one reuses the build cache instead of compiling them twice.
+mkdir -p "$cache/go"
+(
+  exec 8>"$cache/go/kubernetes.lock"
+  flock 8
+  build kubernetes kubernetes "$kver" k8s.io/kubernetes/cmd/kube-apiserver \
+    k8s.io/kubernetes/cmd/kube-controller-manager
+) &
 pids+=($!)
 build etcd etcd "" . &
 pids+=($!)

@@ -7,6 +7,8 @@
 //!
 //! Use [`shared`] in tests: one control plane per test binary, one namespace per test
 //! ([`ControlPlane::create_namespace`]). Startup takes a few seconds.
+//! [`ControlPlane::start_with`] adds certificate names, API server flags, client identities
+//! and controllers (the test node, tests/support/node.rs, runs on one started so).
 //!
 //! Cleanup (no process may outlive the test binary, however it ends):
 //! - every child gets `PR_SET_PDEATHSIG(SIGKILL)`. The signal fires when the *thread* that
@@ -71,6 +73,29 @@ const CONTROLLERS: &[&str] = &[
     "garbage-collector-controller",
 ];
 
+/// What a control plane is started with beyond the defaults of [`ControlPlane::start`]
+/// (the test node, tests/support/node.rs, needs more names, identities and controllers).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Extra subject alternative names (IPs or DNS names) of the API server's certificate.
+    pub apiserver_sans: Vec<String>,
+    /// Extra flags of kube-apiserver.
+    pub apiserver_args: Vec<String>,
+    /// The controller-manager's `--controllers` (default: [`CONTROLLERS`]).
+    pub controllers: Option<Vec<String>>,
+    /// Client certificates signed by the cluster CA, written as `<file>.crt`/`<file>.key` in
+    /// [`ControlPlane::dir`].
+    pub client_certs: Vec<ClientCert>,
+}
+
+/// A client certificate: common name (the user) and organisations (its groups).
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub file: String,
+    pub common_name: String,
+    pub organisations: Vec<String>,
+}
+
 /// The control plane shared by all tests of this test binary, started on first use.
 /// A start failure is remembered: every later caller fails with the same message.
 pub async fn shared() -> Result<&'static ControlPlane> {
@@ -102,11 +127,16 @@ struct Proc {
 impl ControlPlane {
     /// Builds (or finds) the binaries and starts a fresh control plane. Prefer [`shared`].
     pub async fn start() -> Result<ControlPlane> {
+        Self::start_with(&Options::default()).await
+    }
+
+    /// [`Self::start`] with more certificate names, flags, identities or controllers.
+    pub async fn start_with(options: &Options) -> Result<ControlPlane> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bin_dir = tokio::task::spawn_blocking(bin_dir).await??;
         let mut attempt = 1;
         loop {
-            match Self::start_once(&bin_dir).await {
+            match Self::start_once(&bin_dir, options).await {
                 Ok(cp) => return Ok(cp),
                 // Free ports are picked by binding port 0 and closing it; another process
                 // may grab one before our child binds it. Rare: just try again.
@@ -119,7 +149,7 @@ impl ControlPlane {
         }
     }
 
-    async fn start_once(bin_dir: &Path) -> Result<ControlPlane> {
+    async fn start_once(bin_dir: &Path, options: &Options) -> Result<ControlPlane> {
         let base = tmp_base();
         fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
         sweep_stale_dirs_in(&base);
@@ -147,7 +177,7 @@ impl ControlPlane {
             (p(0)?, p(1)?, p(2)?, p(3)?)
         };
         cp.server = format!("https://127.0.0.1:{api_port}");
-        cp.ca_pem = write_pki(&cp.dir)?;
+        cp.ca_pem = write_pki(&cp.dir, options)?;
         fs::write(&cp.kubeconfig, kubeconfig_yaml(&cp.dir, &cp.server))?;
         cp.config = Config::from_custom_kubeconfig(
             Kubeconfig::read_from(&cp.kubeconfig)?,
@@ -172,32 +202,33 @@ impl ControlPlane {
                 "--log-level=warn".into(),
             ],
         )?;
+        let apiserver_args = [
+            format!("--etcd-servers={etcd_url}"),
+            "--storage-backend=etcd3".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", d("apiserver-certs")),
+            format!("--tls-cert-file={}", d("apiserver.crt")),
+            format!("--tls-private-key-file={}", d("apiserver.key")),
+            format!("--client-ca-file={}", d("ca.crt")),
+            format!("--service-account-key-file={}", d("sa.pub")),
+            format!("--service-account-signing-key-file={}", d("sa.key")),
+            format!("--service-account-issuer={SA_ISSUER}"),
+            "--authorization-mode=Node,RBAC".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            // Default admission plugins already include ServiceAccount, PodSecurity,
+            // MutatingAdmissionWebhook and ValidatingAdmissionWebhook.
+            "--allow-privileged=true".into(),
+            "--enable-priority-and-fairness=false".into(),
+            // Endpoints may not hold loopback addresses: without this the apiserver
+            // logs an error every 10 s trying to publish 127.0.0.1 for `kubernetes`.
+            "--endpoint-reconciler-type=none".into(),
+            "--profiling=false".into(),
+        ];
         cp.spawn(
             "kube-apiserver",
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--storage-backend=etcd3".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", d("apiserver-certs")),
-                format!("--tls-cert-file={}", d("apiserver.crt")),
-                format!("--tls-private-key-file={}", d("apiserver.key")),
-                format!("--client-ca-file={}", d("ca.crt")),
-                format!("--service-account-key-file={}", d("sa.pub")),
-                format!("--service-account-signing-key-file={}", d("sa.key")),
-                format!("--service-account-issuer={SA_ISSUER}"),
-                "--authorization-mode=Node,RBAC".into(),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                // Default admission plugins already include ServiceAccount, PodSecurity,
-                // MutatingAdmissionWebhook and ValidatingAdmissionWebhook.
-                "--allow-privileged=true".into(),
-                "--enable-priority-and-fairness=false".into(),
-                // Endpoints may not hold loopback addresses: without this the apiserver
-                // logs an error every 10 s trying to publish 127.0.0.1 for `kubernetes`.
-                "--endpoint-reconciler-type=none".into(),
-                "--profiling=false".into(),
-            ],
+            &[&apiserver_args[..], &options.apiserver_args[..]].concat(),
         )?;
         let timeout = env::var("KIPS_E2E_START_TIMEOUT")
             .ok()
@@ -221,7 +252,13 @@ impl ControlPlane {
             "kube-controller-manager",
             &[
                 format!("--kubeconfig={}", d("kubeconfig")),
-                format!("--controllers={}", CONTROLLERS.join(",")),
+                format!(
+                    "--controllers={}",
+                    match &options.controllers {
+                        Some(list) => list.join(","),
+                        None => CONTROLLERS.join(","),
+                    }
+                ),
                 format!("--service-account-private-key-file={}", d("sa.key")),
                 format!("--root-ca-file={}", d("ca.crt")),
                 "--use-service-account-credentials=false".into(),
@@ -252,10 +289,17 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    fn spawn(&self, name: &'static str, args: &[String]) -> Result<()> {
+    /// Starts `<bin dir>/<name> <args>` beside the control plane (log `<name>.log` in
+    /// [`Self::dir`]), killed with it and checked by its readiness waits.
+    pub fn spawn(&self, name: &'static str, args: &[String]) -> Result<()> {
+        self.spawn_from(&self.bin_dir.join(name), name, args)
+    }
+
+    /// [`Self::spawn`] of a binary found elsewhere.
+    pub fn spawn_from(&self, binary: &Path, name: &'static str, args: &[String]) -> Result<()> {
         let log = self.dir.join(format!("{name}.log"));
         let out = File::create(&log)?;
-        let mut cmd = Command::new(self.bin_dir.join(name));
+        let mut cmd = Command::new(binary);
         cmd.args(args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -293,7 +337,8 @@ impl ControlPlane {
         }
     }
 
-    fn check_alive(&self) -> Result<()> {
+    /// Fails with the logs when a component has exited.
+    pub fn check_alive(&self) -> Result<()> {
         let exited = self
             .procs
             .lock()
@@ -503,7 +548,7 @@ fn find_or_build() -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // Certificates
 
-fn write_pki(dir: &Path) -> Result<String> {
+fn write_pki(dir: &Path, options: &Options) -> Result<String> {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
@@ -521,11 +566,11 @@ fn write_pki(dir: &Path) -> Result<String> {
     let ca_pem = ca.pem();
     fs::write(dir.join("ca.crt"), &ca_pem)?;
 
-    let leaf = |file: &str, cn: &str, org: Option<&str>, sans: &[&str], eku| -> Result<()> {
+    let leaf = |file: &str, cn: &str, orgs: &[&str], sans: &[&str], eku| -> Result<()> {
         let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         p.distinguished_name.push(DnType::CommonName, cn);
-        if let Some(o) = org {
-            p.distinguished_name.push(DnType::OrganizationName, o);
+        for o in orgs {
+            p.distinguished_name.push(DnType::OrganizationName, *o);
         }
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -539,34 +584,46 @@ fn write_pki(dir: &Path) -> Result<String> {
         Ok(())
     };
     let server = ExtendedKeyUsagePurpose::ServerAuth;
+    let mut apiserver_sans = vec![
+        "127.0.0.1",
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "10.0.0.1",
+    ];
+    apiserver_sans.extend(options.apiserver_sans.iter().map(String::as_str));
     leaf(
         "apiserver",
         "kube-apiserver",
-        None,
-        &[
-            "127.0.0.1",
-            "localhost",
-            "kubernetes",
-            "kubernetes.default",
-            "kubernetes.default.svc",
-            "10.0.0.1",
-        ],
+        &[],
+        &apiserver_sans,
         server.clone(),
     )?;
     leaf(
         "kcm",
         "kube-controller-manager",
-        None,
+        &[],
         &["127.0.0.1", "localhost"],
         server,
     )?;
     leaf(
         "admin",
         ADMIN_USER,
-        Some("system:masters"),
+        &["system:masters"],
         &[],
         ExtendedKeyUsagePurpose::ClientAuth,
     )?;
+    for cert in &options.client_certs {
+        let orgs: Vec<&str> = cert.organisations.iter().map(String::as_str).collect();
+        leaf(
+            &cert.file,
+            &cert.common_name,
+            &orgs,
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+    }
     // ECDSA P-256 (ES256) service-account signing key. --service-account-key-file does
     // not read PKCS#8 private keys, hence the separate public key.
     let sa = KeyPair::generate()?;
@@ -576,6 +633,12 @@ fn write_pki(dir: &Path) -> Result<String> {
 }
 
 fn kubeconfig_yaml(dir: &Path, server: &str) -> String {
+    kubeconfig_for(dir, server, ADMIN_USER, "admin")
+}
+
+/// A kubeconfig for `server` as `user`, whose certificate is `<cert>.crt`/`<cert>.key` in
+/// `dir` (the CA is `dir/ca.crt`).
+pub fn kubeconfig_for(dir: &Path, server: &str, user: &str, cert: &str) -> String {
     let f = |n: &str| dir.join(n).display().to_string();
     format!(
         "apiVersion: v1
@@ -586,7 +649,7 @@ clusters:
     server: {server}
     certificate-authority: {ca}
 users:
-- name: {ADMIN_USER}
+- name: {user}
   user:
     client-certificate: {crt}
     client-key: {key}
@@ -594,12 +657,12 @@ contexts:
 - name: kips-e2e
   context:
     cluster: kips-e2e
-    user: {ADMIN_USER}
+    user: {user}
 current-context: kips-e2e
 ",
         ca = f("ca.crt"),
-        crt = f("admin.crt"),
-        key = f("admin.key"),
+        crt = f(&format!("{cert}.crt")),
+        key = f(&format!("{cert}.key")),
     )
 }
 

@@ -1,0 +1,113 @@
+// Command testapp is the workload of kips' node tests: one static binary, two roles.
+//
+//	testapp serve [ARGS...]   HTTP on $LISTEN (default :8080). GET / answers
+//	                          "$ANSWER <hostname>" (ANSWER defaults to "cluster"; a pod's
+//	                          hostname is its name), /healthz answers "ok", /args the
+//	                          arguments it was started with, one per line. ARGS are otherwise
+//	                          ignored, so the same binary stands in for a sidecar whose
+//	                          arguments are meant for another program. Every request is logged
+//	                          with its source address, which tells who reached which container.
+//	testapp get URL           GET URL and print the body; exit 1 on an error or a non-2xx.
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
+	if len(os.Args) < 2 {
+		usage()
+	}
+	switch os.Args[1] {
+	case "serve":
+		serve(os.Args[2:])
+	case "get":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		os.Exit(get(os.Args[2]))
+	default:
+		usage()
+	}
+}
+
+func usage() {
+	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL")
+	os.Exit(2)
+}
+
+func env(name, fallback string) string {
+	if v, ok := os.LookupEnv(name); ok && v != "" {
+		return v
+	}
+	return fallback
+}
+
+func serve(args []string) {
+	listen := env("LISTEN", ":8080")
+	answer := env("ANSWER", "cluster")
+	host, err := os.Hostname()
+	if err != nil {
+		log.Fatalf("hostname: %v", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s %s\n", answer, host)
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/args", func(w http.ResponseWriter, r *http.Request) {
+		for _, a := range args {
+			fmt.Fprintln(w, a)
+		}
+	})
+	logged := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		log.Printf("%s %s from %s", r.Method, r.URL.Path, r.RemoteAddr)
+		mux.ServeHTTP(w, r)
+	})
+	server := &http.Server{Addr: listen, Handler: logged, ReadHeaderTimeout: 5 * time.Second}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		<-stop
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = server.Shutdown(ctx)
+	}()
+	log.Printf("answering %q on %s (args: %s)", answer, listen, strings.Join(args, " "))
+	if err := server.ListenAndServe(); err != nil && err != http.ErrServerClosed {
+		log.Fatal(err)
+	}
+}
+
+func get(url string) int {
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get(url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	os.Stdout.Write(body)
+	if resp.StatusCode/100 != 2 {
+		fmt.Fprintf(os.Stderr, "%s: %s\n", url, resp.Status)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,588 @@
+//! The node suite: a real kubelet node (tests/support/node.rs) runs pods from the images
+//! scripts/images.sh builds; Services work through kube-proxy; a pod rendered by `kips
+//! inject` (iptables port mode, native sidecar, the default kips-init image) behaves on it:
+//! kips-init completes, the sidecar runs, Service traffic for the app port reaches the
+//! sidecar, while the kubelet's probes and the pod's own loopback still reach the app.
+//! And a test that fails leaves nothing behind.
+//!
+//! Needs root and Debian's runc, CNI plugins, conntrack and iptables (scripts/test.sh installs
+//! them). Without CI=true the suite skips, loudly, when they are missing; with it, it fails.
+
+mod support;
+
+use std::{
+    collections::BTreeSet,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use support::kips_e2e::{create_relay_secret, eventually, live_pods};
+use support::node::{self, Cluster, POD_GATEWAY};
+
+/// One cluster at a time: two nodes at once would only compete for the two cores.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+const KIPS: &str = env!("CARGO_BIN_EXE_kips");
+const CHILD: &str = "KIPS_NODE_CHILD_FOOTPRINT";
+const CHILD_MODE: &str = "KIPS_NODE_CHILD_MODE";
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A line for the run's output even when libtest captures the test's (it captures the print
+/// macros, not writes to the stderr handle): the suite's timings.
+fn say(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// True when the suite must skip (outside CI only).
+fn skip() -> bool {
+    let Some(reason) = node::skip_reason() else {
+        return false;
+    };
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{reason}; CI=true does not allow skipping the node suite"
+    );
+    say(format!("\n*** SKIPPING the node suite: {reason} ***\n"));
+    true
+}
+
+#[tokio::test]
+async fn a_node_runs_services_and_a_kips_injected_pod() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let cluster = Cluster::start().await?;
+    say(format!(
+        "node: node-ready {:.1} s (cluster up in {:.1} s)",
+        cluster.node_ready_after().as_secs_f64(),
+        cluster.started_after().as_secs_f64()
+    ));
+    let outcome = scenario(&cluster).await;
+    if outcome.is_err() {
+        eprintln!("{}", cluster.log_tails(30));
+    }
+    let report = cluster.stop();
+    if outcome.is_err() && !report.leftovers.is_empty() {
+        eprintln!(
+            "node: teardown after the failure left: {:?}",
+            report.leftovers
+        );
+    }
+    outcome?;
+    report.assert_clean()?;
+    say("node: teardown left nothing behind".into());
+    Ok(())
+}
+
+async fn scenario(cluster: &Cluster) -> Result<()> {
+    let cp = cluster.control_plane();
+    let client = cluster.client()?;
+    let images = cluster.images();
+    let ns = cp.create_namespace("node").await?;
+    let n = ns.as_str();
+
+    // --- a plain Deployment behind a Service, reached from a client pod -----------------
+    let t0 = Instant::now();
+    let app = [
+        deployment("app", 2, &images.app, json!({})),
+        service("app"),
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "client"},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{
+                    "name": "client", "image": images.client, "imagePullPolicy": "Never",
+                    "command": ["/usr/bin/sleep", "86400"]
+                }]
+            }
+        }),
+    ];
+    apply(cluster, n, &app).await?;
+    rollout(cluster, n, "app").await?;
+    cluster
+        .kubectl(&[
+            "-n",
+            n,
+            "wait",
+            "--for=condition=Ready",
+            "pod/client",
+            "--timeout=120s",
+        ])
+        .await?;
+    say(format!(
+        "node: deployment-available {:.1} s",
+        t0.elapsed().as_secs_f64()
+    ));
+
+    let app_ip = cluster_ip(cluster, n, "app").await?;
+    let first = get_from_client(cluster, n, &format!("http://{app_ip}/")).await?;
+    ensure!(
+        first.starts_with("cluster app-"),
+        "Service app answered {first:?}"
+    );
+    // kube-proxy balances across both replicas (all 20 on one: p = 2^-19).
+    let mut answered = BTreeSet::new();
+    for _ in 0..20 {
+        answered.insert(client_get(cluster, n, &format!("http://{app_ip}/")).await?);
+    }
+    ensure!(
+        answered.len() == 2 && answered.iter().all(|a| a.starts_with("cluster app-")),
+        "expected both replicas behind the Service, got {answered:?}"
+    );
+    for pod in live_pods(&client, n, "app=app").await? {
+        assert_ready_without_restarts(&pod)?;
+    }
+    // Pods run under the node's own cgroup root (3 pods: 3 pauses and 3 containers), which
+    // is what lets the teardown find them all.
+    let in_cgroups = cluster.pod_cgroup_processes();
+    ensure!(
+        in_cgroups >= 6,
+        "{in_cgroups} processes in the node's cgroups, expected 6 or more"
+    );
+
+    // --- a Deployment rendered by `kips inject` -----------------------------------------
+    create_relay_secret(
+        &client,
+        n,
+        "Endpoint=sb://relay.invalid/;SharedAccessKeyName=k;SharedAccessKey=k",
+    )
+    .await?;
+    let annotations = json!({"kips.io/redirect": "api:8080", "kips.io/port-mode": "iptables"});
+    let manifest = serde_json::to_string(&deployment("api", 1, &images.app, annotations))?;
+    let injected = kips_inject(&manifest, &images.bridge_standin).await?;
+    let rendered: Value = serde_yaml::from_str(&injected)?;
+    let template = &rendered["spec"]["template"]["spec"];
+    let init_image = template["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "kips-init"))
+        .map(|c| c["image"].clone())
+        .context("kips inject rendered no kips-init")?;
+    // kips' default --init-image is the image images.sh builds: the name the chart uses.
+    ensure!(
+        init_image == images.kips_init.as_str(),
+        "kips-init image {init_image} is not {}",
+        images.kips_init
+    );
+    let t0 = Instant::now();
+    cluster
+        .kubectl_with_input(&["-n", n, "apply", "-f", "-"], &injected)
+        .await?;
+    apply(cluster, n, &[service("api")]).await?;
+    rollout(cluster, n, "api").await?;
+    say(format!(
+        "node: injected-deployment-available {:.1} s",
+        t0.elapsed().as_secs_f64()
+    ));
+
+    let pods = live_pods(&client, n, "app=api").await?;
+    ensure!(pods.len() == 1, "expected one api pod, got {}", pods.len());
+    let pod = &pods[0];
+    let pod_name = pod.name_any();
+    let status = pod.status.as_ref().context("pod without status")?;
+    let inits = status
+        .init_container_statuses
+        .as_deref()
+        .unwrap_or_default();
+    let init = find(inits, "kips-init")?;
+    let done = init
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .context("kips-init has not terminated")?;
+    ensure!(
+        done.exit_code == 0,
+        "kips-init exited {}: {:?}",
+        done.exit_code,
+        done.message
+    );
+    let bridge = find(inits, "kips-bridge")?;
+    ensure!(
+        bridge.ready
+            && bridge.started == Some(true)
+            && bridge.state.as_ref().is_some_and(|s| s.running.is_some()),
+        "the native sidecar kips-bridge is not running and ready: {bridge:?}"
+    );
+    // What kips-init installed, from its own log (rules for 8080 -> 15100).
+    let init_log = cluster
+        .kubectl(&["-n", n, "logs", &pod_name, "-c", "kips-init"])
+        .await?;
+    say(format!("node: kips-init log:\n{init_log}"));
+
+    let api_ip = cluster_ip(cluster, n, "api").await?;
+    let via_service = get_from_client(cluster, n, &format!("http://{api_ip}/")).await?;
+    ensure!(
+        via_service == format!("sidecar {pod_name}"),
+        "Service traffic for 8080 should reach the sidecar, got {via_service:?}"
+    );
+    let pod_ip = status.pod_ip.clone().context("pod without IP")?;
+    let direct = client_get(cluster, n, &format!("http://{pod_ip}:8080/")).await?;
+    ensure!(
+        direct == format!("sidecar {pod_name}"),
+        "pod:8080 from another pod answered {direct:?}"
+    );
+    // The sidecar got the azbridge arguments kips renders.
+    let args = client_get(cluster, n, &format!("http://{pod_ip}:15100/args")).await?;
+    ensure!(
+        args.contains("-L\n0.0.0.0:15100/"),
+        "sidecar arguments: {args:?}"
+    );
+    // The pod's own loopback reaches the app.
+    let local = cluster
+        .kubectl(&[
+            "-n",
+            n,
+            "exec",
+            &pod_name,
+            "-c",
+            "app",
+            "--",
+            "testapp",
+            "get",
+            "http://127.0.0.1:8080/",
+        ])
+        .await?;
+    ensure!(
+        local.trim() == format!("cluster {pod_name}"),
+        "loopback answered {local:?}"
+    );
+
+    // Probes every 2 s; after several periods the pod is still Ready with no restarts, and
+    // the probes reached the app (from the pods' gateway, where the kubelet sends them).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let pod = Api::<Pod>::namespaced(client.clone(), n)
+        .get(&pod_name)
+        .await?;
+    assert_ready_without_restarts(&pod)?;
+    let app_log = cluster
+        .kubectl(&["-n", n, "logs", &pod_name, "-c", "app"])
+        .await?;
+    let probes = app_log
+        .lines()
+        .filter(|l| l.contains(&format!("GET /healthz from {POD_GATEWAY}:")))
+        .count();
+    ensure!(
+        probes >= 5,
+        "the app saw {probes} probes from {POD_GATEWAY}:\n{app_log}"
+    );
+    ensure!(
+        !app_log.contains("GET / from 10.244.0."),
+        "Service traffic reached the app instead of the sidecar:\n{app_log}"
+    );
+    let bridge_log = cluster
+        .kubectl(&["-n", n, "logs", &pod_name, "-c", "kips-bridge"])
+        .await?;
+    ensure!(
+        bridge_log.contains("GET / from 10.244.0."),
+        "the sidecar saw no Service traffic:\n{bridge_log}"
+    );
+    ensure!(
+        !bridge_log.contains("GET /healthz"),
+        "the kubelet's probes reached the sidecar:\n{bridge_log}"
+    );
+    Ok(())
+}
+
+/// The child role (a copy of this binary): starts a node with a running pod, then fails
+/// with the cluster never dropped — only the exit-time teardown can clean up. The parent
+/// checks that nothing is left.
+#[tokio::test]
+async fn a_failing_test_leaves_nothing_behind() -> Result<()> {
+    if let Ok(path) = std::env::var(CHILD) {
+        let cluster = Cluster::start().await?;
+        let ns = cluster.control_plane().create_namespace("doomed").await?;
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "doomed"},
+            "spec": {"containers": [{"name": "app", "image": cluster.images().app, "imagePullPolicy": "Never"}]}
+        });
+        apply(&cluster, &ns, &[pod]).await?;
+        cluster
+            .kubectl(&[
+                "-n",
+                &ns,
+                "wait",
+                "--for=condition=Ready",
+                "pod/doomed",
+                "--timeout=120s",
+            ])
+            .await?;
+        std::fs::write(&path, serde_json::to_string(cluster.footprint())?)?;
+        std::mem::forget(cluster); // as if it lived in a static
+        if std::env::var(CHILD_MODE).as_deref() == Ok("hang") {
+            // Waits to be killed (SIGKILL: no unwinding, no atexit).
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        panic!("failing on purpose, with a node and a pod running");
+    }
+    if skip() {
+        return Ok(());
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let footprint_file = tempfile::NamedTempFile::new()?;
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "a_failing_test_leaves_nothing_behind",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, footprint_file.path())
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let text = std::fs::read_to_string(footprint_file.path())?;
+    if text.is_empty() {
+        bail!(
+            "the child never got a pod running ({}):\n{stderr}",
+            out.status
+        );
+    }
+    ensure!(
+        !out.status.success(),
+        "the child should have failed:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("failing on purpose"),
+        "the child failed otherwise:\n{stderr}"
+    );
+    let footprint: node::Footprint = serde_json::from_str(&text)?;
+    let leftovers = node::leftovers(&footprint);
+    ensure!(
+        leftovers.is_empty(),
+        "the failed child left behind:\n  {}\nits stderr:\n{stderr}",
+        leftovers.join("\n  ")
+    );
+    ensure!(
+        stderr.contains(&format!(
+            "node: torn down {} at exit: nothing left behind",
+            footprint.tag
+        )),
+        "the child's exit-time teardown did not report:\n{stderr}"
+    );
+    say("node: a failed test's node was torn down at exit, nothing left behind".into());
+    Ok(())
+}
+
+/// A test binary killed outright (no atexit) leaves its pods and shims running; the next
+/// start's sweep removes them.
+#[tokio::test]
+async fn a_killed_test_binary_is_swept_by_the_next_start() -> Result<()> {
+    if std::env::var(CHILD).is_ok() || skip() {
+        return Ok(());
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let footprint_file = tempfile::NamedTempFile::new()?;
+    let child_log = footprint_file.path().with_extension("log");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "a_failing_test_leaves_nothing_behind",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, footprint_file.path())
+        .env(CHILD_MODE, "hang")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&child_log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let started = Instant::now();
+    let text = loop {
+        let log = || std::fs::read_to_string(&child_log).unwrap_or_default();
+        if let Some(status) = child.try_wait()? {
+            bail!("the child exited early ({status}):\n{}", log());
+        }
+        let text = std::fs::read_to_string(footprint_file.path())?;
+        if !text.is_empty() {
+            break text;
+        }
+        ensure!(
+            started.elapsed() < WAIT,
+            "the child got no pod running in {WAIT:?}:\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    child.kill().await?; // SIGKILL
+    let _ = std::fs::remove_file(&child_log);
+    let footprint: node::Footprint = serde_json::from_str(&text)?;
+    let left = node::leftovers(&footprint);
+    ensure!(
+        left.iter().any(|l| l.starts_with("process")),
+        "a killed run should leave its pods running until the sweep; found {left:?}"
+    );
+    tokio::task::spawn_blocking(node::sweep_stale).await?;
+    support::control_plane::sweep_stale_dirs();
+    let left = node::leftovers(&footprint);
+    ensure!(left.is_empty(), "the sweep left:\n  {}", left.join("\n  "));
+    say("node: a killed test binary's node was swept, nothing left behind".into());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn probe(path: &str) -> Value {
+    json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 2, "failureThreshold": 3})
+}
+
+/// `replicas` pods of `image` (testapp serve on 8080) with readiness and liveness probes.
+fn deployment(name: &str, replicas: i32, image: &str, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app", "image": image, "imagePullPolicy": "Never",
+                        "ports": [{"name": "http", "containerPort": 8080}],
+                        "readinessProbe": probe("/healthz"),
+                        "livenessProbe": probe("/healthz"),
+                    }]
+                }
+            }
+        }
+    })
+}
+
+fn service(app: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": app},
+        "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
+    })
+}
+
+async fn apply(cluster: &Cluster, ns: &str, objects: &[Value]) -> Result<()> {
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    cluster
+        .kubectl_with_input(&["-n", ns, "apply", "-f", "-"], &list.to_string())
+        .await?;
+    Ok(())
+}
+
+async fn rollout(cluster: &Cluster, ns: &str, name: &str) -> Result<()> {
+    let deployment = format!("deployment/{name}");
+    if let Err(e) = cluster
+        .kubectl(&["-n", ns, "rollout", "status", &deployment, "--timeout=120s"])
+        .await
+    {
+        let pods = cluster
+            .kubectl(&["-n", ns, "describe", "pods"])
+            .await
+            .unwrap_or_default();
+        bail!("{e:#}\n{pods}");
+    }
+    Ok(())
+}
+
+async fn cluster_ip(cluster: &Cluster, ns: &str, service: &str) -> Result<String> {
+    let ip = cluster
+        .kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "service",
+            service,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .await?;
+    ensure!(ip.starts_with("10.0.0."), "ClusterIP of {service}: {ip:?}");
+    Ok(ip)
+}
+
+/// `testapp get <url>` in the client pod, trimmed.
+async fn client_get(cluster: &Cluster, ns: &str, url: &str) -> Result<String> {
+    Ok(cluster
+        .kubectl(&["-n", ns, "exec", "client", "--", "testapp", "get", url])
+        .await?
+        .trim()
+        .to_owned())
+}
+
+/// [`client_get`] until it answers (kube-proxy programs a new Service within seconds).
+async fn get_from_client(cluster: &Cluster, ns: &str, url: &str) -> Result<String> {
+    eventually(
+        &format!("the client pod to get {url}"),
+        WAIT,
+        || async move { Ok(client_get(cluster, ns, url).await.ok()) },
+    )
+    .await
+}
+
+async fn kips_inject(manifest: &str, bridge_image: &str) -> Result<String> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(KIPS)
+        .args([
+            "inject",
+            "-f",
+            "-",
+            "--bridge-image",
+            bridge_image,
+            "--image-pull-policy",
+            "Never",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(manifest.as_bytes()).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    ensure!(
+        out.status.success(),
+        "kips inject failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn find<'s>(statuses: &'s [ContainerStatus], name: &str) -> Result<&'s ContainerStatus> {
+    statuses
+        .iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no status of container {name}"))
+}
+
+fn assert_ready_without_restarts(pod: &Pod) -> Result<()> {
+    let status = pod.status.as_ref().context("pod without status")?;
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    ensure!(
+        ready,
+        "pod {} is not Ready: {:?}",
+        pod.name_any(),
+        status.conditions
+    );
+    for s in status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+    {
+        ensure!(
+            s.restart_count == 0,
+            "container {} of {} restarted {} times",
+            s.name,
+            pod.name_any(),
+            s.restart_count
+        );
+    }
+    Ok(())
+}

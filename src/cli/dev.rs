@@ -38,7 +38,7 @@ impl From<KubeArgs> for KubeTarget {
 
 #[derive(Debug, Clone, Args)]
 #[command(
-    after_help = "Examples:\n  kips connect deployment/api\n  kips connect deployment/api --port-map 8080=3000\n  kips connect deployment/api --connection-string-from-secret --print\n  KIPS_RELAY_CONNECTION_STRING='Endpoint=sb://...' sudo -E kips connect sts/db"
+    after_help = "Examples:\n  kips connect deployment/api\n  kips connect deployment/api --port-map 8080=3000\n  kips connect deployment/api --connection-string-from-secret --print\n  kips connect deployment/api --env-file .env\n  kips connect deployment/api --connection-string-from-secret -- npm start\n  KIPS_RELAY_CONNECTION_STRING='Endpoint=sb://...' sudo -E kips connect sts/db"
 )]
 pub(super) struct ConnectArgs {
     /// The workload: <kind>/<name> (deployment/deploy, statefulset/sts, daemonset/ds).
@@ -63,6 +63,19 @@ pub(super) struct ConnectArgs {
     /// Read the workload from this manifest instead of the cluster.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     file: Option<PathBuf>,
+    /// Write the app container's environment as its pod sees it (values, ConfigMap and
+    /// Secret references, envFrom, the running pod's fields) to this file, mode 0600, in
+    /// shell syntax (`set -a; . ./.env; set +a`).
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+    /// The app container whose environment is read (default: the pod's first container that
+    /// is not kips').
+    #[arg(short = 'c', long, value_name = "NAME")]
+    container: Option<String>,
+    /// Run this command with the pod's environment while the bridge runs; when it exits,
+    /// kips stops the bridge, restores the hosts file and exits with its exit code.
+    #[arg(last = true, value_name = "COMMAND", conflicts_with = "print")]
+    command: Vec<std::ffi::OsString>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -77,6 +90,9 @@ impl ConnectArgs {
             connection_string_from_secret: self.connection_string_from_secret,
             print: self.print,
             file: self.file,
+            env_file: self.env_file,
+            container: self.container,
+            command: self.command,
             kube: self.kube.into(),
         }
     }

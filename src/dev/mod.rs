@@ -4,9 +4,13 @@
 //! [`status`]); this module and [`connect`] do the I/O.
 
 pub(crate) mod connect;
+// pub(crate) mod doctor;
+pub(crate) mod env;
+// pub(crate) mod expose;
 pub(crate) mod hosts;
 pub(crate) mod laptop;
 pub(crate) mod rollout;
+pub(crate) mod session;
 pub(crate) mod status;
 
 use std::collections::BTreeMap;
@@ -46,6 +50,13 @@ pub struct ConnectConfig {
     pub print: bool,
     /// Read the workload from this manifest instead of the cluster.
     pub file: Option<PathBuf>,
+    /// Write the app container's environment here (mode 0600).
+    pub env_file: Option<PathBuf>,
+    /// The app container (default: the pod's first container that is not kips').
+    pub container: Option<String>,
+    /// Run this with the pod's environment for the length of the session; its exit ends the
+    /// session and becomes kips' exit code.
+    pub command: Vec<std::ffi::OsString>,
     pub kube: KubeTarget,
 }
 

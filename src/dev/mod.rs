@@ -1,12 +1,14 @@
-//! The developer's side: `kips redirect`, `revert`, `status` and `connect`.
+//! The developer's side: `kips redirect`, `revert`, `status`, `connect`, `doctor` and
+//! `expose`.
 //!
 //! The decisions are pure and live in their own modules ([`laptop`], [`hosts`], [`rollout`],
-//! [`status`]); this module and [`connect`] do the I/O.
+//! [`status`], [`env`], and the judgements of [`doctor`] and the objects of [`expose`]); this
+//! module, [`connect`], [`session`] and the runners of `doctor` and `expose` do the I/O.
 
 pub(crate) mod connect;
-// pub(crate) mod doctor;
+pub(crate) mod doctor;
 pub(crate) mod env;
-// pub(crate) mod expose;
+pub(crate) mod expose;
 pub(crate) mod hosts;
 pub(crate) mod laptop;
 pub(crate) mod rollout;
@@ -31,6 +33,8 @@ use crate::bridge::routes::{RedirectRoute, check_one_way};
 use crate::bridge::secret::SecretState;
 use crate::k8s::{self, ClientSettings, Kube, KubeTarget};
 use crate::workload::{Workload, WorkloadKind, WorkloadRef};
+pub use doctor::{DEFAULT_WEBHOOK_CONFIG, DoctorConfig, DoctorFailed};
+pub use expose::{DEFAULT_PLACEHOLDER_IMAGE, ExposeConfig};
 pub use laptop::PortMapping;
 
 /// `kips connect`.
@@ -102,6 +106,14 @@ async fn client(target: &KubeTarget) -> Result<Kube> {
 
 pub async fn connect(config: ConnectConfig) -> Result<()> {
     connect::run(config).await
+}
+
+pub async fn doctor(config: DoctorConfig) -> Result<()> {
+    doctor::run(config).await
+}
+
+pub async fn expose(config: ExposeConfig) -> Result<()> {
+    expose::run(config).await
 }
 
 /// Merge-patches a workload's metadata annotations; prints the API server's warnings and

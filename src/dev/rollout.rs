@@ -409,7 +409,14 @@ pub fn selector_string(selector: &LabelSelector) -> String {
 /// The relay Secret the pods use: from an injected pod's `kips-bridge` (the webhook's
 /// configured default included), else the annotation, else kips' default.
 pub fn relay_secret_name(object: &Workload, pods: &[Pod]) -> String {
-    let from_pod = pods.iter().find_map(|pod| {
+    relay_secret_of_pods(pods)
+        .or_else(|| object.kips().ok().and_then(|k| k.relay_secret))
+        .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned())
+}
+
+/// The Secret an injected pod's `kips-bridge` reads the connection string from.
+pub fn relay_secret_of_pods(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
         let spec = pod.spec.as_ref()?;
         spec.init_containers
             .iter()
@@ -425,10 +432,7 @@ pub fn relay_secret_name(object: &Workload, pods: &[Pod]) -> String {
             .secret_key_ref
             .as_ref()
             .map(|r| r.name.clone())
-    });
-    from_pod
-        .or_else(|| object.kips().ok().and_then(|k| k.relay_secret))
-        .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned())
+    })
 }
 
 /// Everything read about one workload in one poll.

@@ -391,9 +391,10 @@ async fn session_environment(
         let (text, left_out) = super::env::dotenv(&found.env, &header);
         session::write_env_file(path, &text)?;
         println!(
-            "kips connect {label}: wrote {} to {} (mode 0600)",
+            "kips connect {label}: wrote {} to {} (mode 0600){}",
             found.describe(),
-            path.display()
+            path.display(),
+            found.secrets_note()
         );
         if !left_out.is_empty() {
             eprintln!(
@@ -404,8 +405,9 @@ async fn session_environment(
         }
     } else {
         println!(
-            "kips connect {label}: the command gets {}",
-            found.describe()
+            "kips connect {label}: the command gets {}{}",
+            found.describe(),
+            found.secrets_note()
         );
     }
     Ok(found.env)

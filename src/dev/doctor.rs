@@ -207,7 +207,7 @@ pub fn judge_webhook_config(
             WEBHOOK_CONFIG,
             format!("there is no MutatingWebhookConfiguration {name}: kips is not installed"),
             format!(
-                "install it once per cluster: helm install kips charts/kips -n kips-system --create-namespace (installed under another release name? kips doctor --webhook-config <name>; `kubectl get mutatingwebhookconfigurations` lists them; {name} is the default)"
+                "install it once per cluster: helm install kips charts/kips -n kips-system --create-namespace (installed under another release name? kips doctor --webhook-config <name>; `kubectl get mutatingwebhookconfigurations` lists them; the default is {DEFAULT_WEBHOOK_CONFIG})"
             ),
         ),
         Err(error) => Check::fail(
@@ -420,7 +420,7 @@ pub fn port_mode_of(kips: &KipsAnnotations, pods: &[Pod]) -> Option<ModeOf> {
     if let Some(mode) = recorded.as_deref().and_then(|m| m.parse::<PortMode>().ok()) {
         return Some(ModeOf {
             mode,
-            because: "as its injected pods record (kips.io/status)".to_owned(),
+            because: "recorded in its injected pods' kips.io/status".to_owned(),
         });
     }
     if kips.redirects.is_empty() {

@@ -29,8 +29,21 @@ pub struct PodEnvironment {
 }
 
 impl PodEnvironment {
-    /// One line for the user: names, never values.
+    /// `14 variables of container app of pod api-1`.
     pub fn describe(&self) -> String {
+        let from = match &self.pod {
+            Some(pod) => format!("container {} of pod {pod}", self.container),
+            None => format!("container {} of the pod template", self.container),
+        };
+        format!(
+            "{} variable{} of {from}",
+            self.env.vars.len(),
+            if self.env.vars.len() == 1 { "" } else { "s" }
+        )
+    }
+
+    /// `; from Secrets: A, B` (names, never values), or nothing.
+    pub fn secrets_note(&self) -> String {
         let secrets: Vec<&str> = self
             .env
             .vars
@@ -38,20 +51,11 @@ impl PodEnvironment {
             .filter(|v| v.secret)
             .map(|v| v.name.as_str())
             .collect();
-        let from = match &self.pod {
-            Some(pod) => format!("container {} of pod {pod}", self.container),
-            None => format!("container {} of the pod template", self.container),
-        };
-        let secret_note = if secrets.is_empty() {
+        if secrets.is_empty() {
             String::new()
         } else {
             format!("; from Secrets: {}", secrets.join(", "))
-        };
-        format!(
-            "{} variable{} of {from}{secret_note}",
-            self.env.vars.len(),
-            if self.env.vars.len() == 1 { "" } else { "s" }
-        )
+        }
     }
 }
 

@@ -537,6 +537,57 @@ async fn doctor_names_iptables_mode_in_a_restricted_namespace() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn doctor_stops_at_an_unreachable_api_server() -> Result<()> {
+    // A kubeconfig pointing at a closed loopback port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: https://127.0.0.1:{closed}\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: gone\n  context: {{cluster: gone, user: u, namespace: dev}}\ncurrent-context: gone\n"
+        ),
+    )?;
+    let output = tokio::process::Command::new(KIPS)
+        .args(["doctor", "deployment/api", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let (stdout, stderr) = text(&output);
+    ensure!(output.status.code() == Some(1), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    ensure!(lines[1].starts_with("  ok    kubeconfig"), "{stdout}");
+    ensure!(
+        lines[2].starts_with("  FAIL  api-server")
+            && lines[2].contains(&format!(
+                "cannot reach the Kubernetes API server at https://127.0.0.1:{closed}"
+            )),
+        "{stdout}"
+    );
+    ensure!(
+        lines[3].contains("fix: make https://127.0.0.1:"),
+        "{stdout}"
+    );
+    ensure!(
+        lines[4..lines.len() - 1]
+            .iter()
+            .all(|l| l.starts_with("  skip  ") && l.ends_with("needs the API server")),
+        "{stdout}"
+    );
+    ensure!(
+        stdout
+            .trim_end()
+            .ends_with("1 of 11 checks failed (1 passed, 9 skipped)"),
+        "{stdout}"
+    );
+    ensure!(stderr.contains("kips: 1 of 11 checks failed"), "{stderr}");
+    Ok(())
+}
+
 // --- the pod's environment on the laptop --------------------------------------------------
 
 /// A namespace with a ConfigMap, a Secret and a redirected Deployment whose container

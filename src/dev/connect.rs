@@ -205,6 +205,8 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
                 }
             };
             stop(&mut child).await;
+            // What azbridge printed until it stopped is shown in full.
+            tail.finish().await;
             code
         }
         Outcome::CommandExited(status) => {
@@ -212,6 +214,7 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
             let program = command.as_ref().map_or("", |c| c.program.as_str());
             eprintln!("kips connect: {program} exited ({status}): stopping azbridge");
             stop(&mut child).await;
+            tail.finish().await;
             exit_code(status)
         }
         Outcome::Exited(status) => {

@@ -192,6 +192,8 @@ pub fn objects(
 }
 
 /// The Service owned by the Deployment `uid`, so that deleting the Deployment deletes it.
+/// Without `blockOwnerDeletion`, which clusters that enforce owner-reference permissions allow
+/// only to those who may update the Deployment's finalizers; `--delete` waits for both anyway.
 pub fn owned_by(mut service: Value, name: &str, uid: &str) -> Value {
     service["metadata"]["ownerReferences"] = json!([{
         "apiVersion": "apps/v1",
@@ -199,7 +201,6 @@ pub fn owned_by(mut service: Value, name: &str, uid: &str) -> Value {
         "name": name,
         "uid": uid,
         "controller": true,
-        "blockOwnerDeletion": true,
     }]);
     service
 }
@@ -330,8 +331,8 @@ async fn delete(kube: &Kube, config: &ExposeConfig) -> anyhow::Result<()> {
         .into());
     }
     if deployment.is_some() {
-        // Foreground: the Deployment goes only after what it owns (ReplicaSets, pods, the
-        // Service) is gone.
+        // Foreground: the Deployment goes only after its ReplicaSets and pods; the garbage
+        // collector removes the Service it owns, and the loop below waits for both.
         kube.api::<Deployment>()
             .delete(name, &DeleteParams::foreground())
             .await

@@ -386,8 +386,13 @@ async fn session_environment(
         );
     }
     if let Some(path) = &args.env_file {
+        let secrets = if found.env.vars.iter().any(|v| v.secret) {
+            "Holds Secret values: keep it to yourself (mode 0600). "
+        } else {
+            ""
+        };
         let header = format!(
-            "kips connect {label}: the environment of {}.\nHolds Secret values: keep it to yourself (mode 0600). Read it with: set -a; . {}; set +a",
+            "kips connect {label}: the environment of {}.\n{secrets}Read it with: set -a; . {}; set +a",
             found.describe(),
             path.display()
         );

@@ -26,7 +26,7 @@ use crate::annotations::{
 };
 use crate::bridge::DEFAULT_RELAY_SECRET;
 use crate::bridge::secret::SecretState;
-use crate::certs::trust::{TrustError, check_trusted, check_trusted_chain};
+use crate::certs::trust::{check_trusted, check_trusted_chain};
 use crate::inject::plan::resolve_port_mode;
 use crate::k8s::{self, ClientSettings, K8sError, Kube, KubeTarget};
 use crate::webhook::hooks::ENFORCE_LABEL;
@@ -255,6 +255,8 @@ pub enum Served {
     Secret { secret: String, cert: String },
     /// The Secret could not be read (no permission, not there).
     SecretUnreadable { secret: String, error: String },
+    /// The clientConfig names nothing kips can connect to.
+    Unusable(String),
 }
 
 pub fn judge_ca_bundle(webhooks: &[WebhookTrust], now: SystemTime) -> Check {
@@ -277,6 +279,13 @@ pub fn judge_ca_bundle(webhooks: &[WebhookTrust], now: SystemTime) -> Check {
                 ));
                 continue;
             }
+            Served::Unusable(problem) => {
+                failed.push(format!("{}: {problem}", w.webhook));
+                fixes.insert(
+                    "give the webhook a clientConfig with an https:// url or a service (helm upgrade --install kips charts/kips ...)".to_owned(),
+                );
+                continue;
+            }
             Served::SecretUnreadable { secret, error } => {
                 unknown.push(format!(
                     "{}: {} is a Service the laptop cannot reach, and its certificate Secret {secret} could not be read ({error}); the dry run below tells whether the API server trusts it",
@@ -297,9 +306,7 @@ pub fn judge_ca_bundle(webhooks: &[WebhookTrust], now: SystemTime) -> Check {
             Err(error) => {
                 failed.push(format!(
                     "{}: its caBundle does not trust {source} for {}: {}",
-                    w.webhook,
-                    w.server_name,
-                    trust_reason(&error)
+                    w.webhook, w.server_name, error
                 ));
                 fixes.insert(match &w.served {
                     Served::Secret { .. } => "in certs.mode=self the webhook's replicas keep caBundle current: check that they run and read their logs (kubectl -n kips-system logs deploy/kips); `kips certs status -n kips-system` compares bundle and certificate".to_owned(),
@@ -328,10 +335,6 @@ pub fn judge_ca_bundle(webhooks: &[WebhookTrust], now: SystemTime) -> Check {
     }
     passed.extend(unknown);
     Check::pass(CA_BUNDLE, passed.join("\n"))
-}
-
-fn trust_reason(error: &TrustError) -> String {
-    error.to_string()
 }
 
 /// What the API server made of the dry-run pod.
@@ -1033,7 +1036,7 @@ async fn read_trust(kube: &Kube, config: &MutatingWebhookConfiguration) -> Vec<W
                 }
                 None => (
                     url.clone(),
-                    Served::Unreachable("not an https:// URL".to_owned()),
+                    Served::Unusable(format!("its url {url} is not an https:// URL")),
                 ),
             },
             (None, Some(service)) => {
@@ -1069,7 +1072,7 @@ async fn read_trust(kube: &Kube, config: &MutatingWebhookConfiguration) -> Vec<W
             }
             (None, None) => (
                 String::new(),
-                Served::Unreachable("the webhook has neither url nor service".to_owned()),
+                Served::Unusable("its clientConfig has neither url nor service".to_owned()),
             ),
         };
         out.push(WebhookTrust {

@@ -67,6 +67,18 @@ impl ClientSettings {
         }
     }
 
+    /// `kips doctor`: a person waiting for a verdict, which a hung server must not delay;
+    /// no retries, so a failure shows as it is.
+    pub fn diagnostic(target: KubeTarget) -> Self {
+        Self {
+            target,
+            in_cluster_first: false,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(20),
+            retry: false,
+        }
+    }
+
     /// The certificate loop: a hung API server must not stall it for minutes.
     pub fn background(kubeconfig: Option<PathBuf>) -> Self {
         Self {
@@ -241,6 +253,11 @@ macro_rules! for_kind {
 }
 
 impl Kube {
+    /// Where the configuration came from (`kubeconfig`, `kubeconfig PATH, context NAME`).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The same client, working in `namespace`.
     pub fn in_namespace(&self, namespace: &str) -> Kube {
         Kube {

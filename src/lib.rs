@@ -35,6 +35,9 @@ pub enum Command {
     Revert(dev::RevertConfig),
     Status(dev::StatusConfig),
     Certs(certs::CertsCommand),
+    Doctor(dev::DoctorConfig),
+    Expose(dev::ExposeConfig),
+    Completion(cli::CompletionRequest),
 }
 
 /// Runs `kips inject`.

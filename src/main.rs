@@ -2,12 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use kips::Command;
-use kips::cli::Cli;
 
 fn main() -> ExitCode {
-    let command = match Cli::parse().into_command() {
+    let command = match kips::cli::parse_args() {
         Ok(command) => command,
         Err(usage) => {
             eprintln!("kips: {usage}");
@@ -36,6 +34,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Revert(config) => runtime()?.block_on(kips::dev::revert(config)),
         Command::Status(config) => runtime()?.block_on(kips::dev::status(config)),
         Command::Certs(command) => runtime()?.block_on(kips::certs::run(command)),
+        Command::Doctor(config) => runtime()?.block_on(kips::dev::doctor(config)),
+        Command::Expose(config) => runtime()?.block_on(kips::dev::expose(config)),
+        Command::Completion(request) => {
+            kips::cli::write_completion(&request, &mut std::io::stdout().lock());
+            Ok(())
+        }
     }
 }
 

@@ -567,3 +567,48 @@ fn clear_errors_and_nothing_touched() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_session_command_gets_the_signal_and_its_exit_ends_the_session() -> Result<()> {
+    let scene = Scene::new(ORIGINAL_HOSTS)?;
+    let dir = scene.dir.path().display().to_string();
+    // The command says when it runs, and exits 3 on SIGINT.
+    let script = format!(
+        "trap 'echo INT > {dir}/command.int; exit 3' INT; echo up > {dir}/command.up; while :; do sleep 0.05; done"
+    );
+    let mut connect = scene.connect("deployment/api", &["--", "sh", "-c", &script])?;
+    let (pid, _) = scene.azbridges(1)?.remove(0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !scene.path("command.up").exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the command did not start:\n{}",
+            connect.output()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        scene.hosts().contains("postgres.data.svc"),
+        "{}",
+        scene.hosts()
+    );
+    // Not from a terminal: kips passes the Ctrl-C on to the command and waits for it.
+    connect.signal(libc::SIGINT);
+    let status = connect.wait(Duration::from_secs(20))?;
+    let output = connect.output();
+    assert_eq!(status.code(), Some(3), "{output}");
+    assert_eq!(
+        std::fs::read_to_string(scene.path("command.int"))?.trim(),
+        "INT"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scene.path(&format!("{pid}.stopped")))?.trim(),
+        "TERM"
+    );
+    assert_eq!(scene.hosts(), ORIGINAL_HOSTS);
+    ensure!(
+        output.contains("SIGINT: waiting for sh to end, then stopping azbridge"),
+        "{output}"
+    );
+    Ok(())
+}

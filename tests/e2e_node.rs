@@ -3,7 +3,10 @@
 //! inject` (iptables port mode, native sidecar, the default kips-init image) behaves on it:
 //! kips-init completes, the sidecar runs, Service traffic for the app port reaches the
 //! sidecar, while the kubelet's probes and the pod's own loopback still reach the app.
-//! And a test that fails leaves nothing behind.
+//! `kips expose` on a node: the webhook (a local `kips webhook`, as in the control-plane
+//! suites) injects the bridge-only pod in named mode, and a client pod's request to the
+//! Service lands on the sidecar (a stand-in until the relay bridge lands); `kips doctor` passes
+//! there. And a test that fails leaves nothing behind.
 //!
 //! Needs root and Debian's runc, CNI plugins, conntrack and iptables (scripts/test.sh installs
 //! them). Without CI=true the suite skips, loudly, when they are missing; with it, it fails.
@@ -17,10 +20,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use support::kips_e2e::{create_relay_secret, eventually, live_pods};
+use support::kips_e2e::{KipsWebhook, create_relay_secret, eventually, live_pods};
 use support::node::{self, Cluster, POD_GATEWAY};
 
 /// One cluster at a time: two nodes at once would only compete for the two cores.
@@ -286,6 +290,252 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         "the kubelet's probes reached the sidecar:\n{bridge_log}"
     );
     Ok(())
+}
+
+#[tokio::test]
+async fn an_exposed_service_reaches_the_bridge_sidecar_on_a_node() -> Result<()> {
+    if skip() {
+        return Ok(());
+    }
+    let _one = ONE_CLUSTER.lock().await;
+    let cluster = Cluster::start().await?;
+    let outcome = expose_scenario(&cluster).await;
+    if outcome.is_err() {
+        eprintln!("{}", cluster.log_tails(30));
+    }
+    let report = cluster.stop();
+    outcome?;
+    report.assert_clean()?;
+    Ok(())
+}
+
+async fn expose_scenario(cluster: &Cluster) -> Result<()> {
+    let cp = cluster.control_plane();
+    let client = cluster.client()?;
+    let images = cluster.images();
+    // The webhook as the control-plane suites run it, injecting the sidecar stand-in (it
+    // answers `sidecar <pod>` on the first listen port, 15100) that the node has imported.
+    let webhook = KipsWebhook::start(
+        cp,
+        "kips",
+        None,
+        &[
+            "--bridge-image",
+            &images.bridge_standin,
+            "--image-pull-policy",
+            "Never",
+        ],
+    )
+    .await?;
+    let config = webhook.config.name_any();
+    let ns = cp.create_namespace("expose").await?;
+    let n = ns.as_str();
+    create_relay_secret(
+        &client,
+        n,
+        "Endpoint=sb://relay.invalid/;SharedAccessKeyName=k;SharedAccessKey=k",
+    )
+    .await?;
+    let t0 = Instant::now();
+    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let expose = kips_cli(&[
+        "expose",
+        "pay",
+        "--port",
+        "8080",
+        "-n",
+        n,
+        "--placeholder-image",
+        &images.pause,
+        "--wait",
+        "--kubeconfig",
+        &kubeconfig,
+    ])
+    .await?;
+    say(format!(
+        "node: exposed-service-ready {:.1} s\n{expose}",
+        t0.elapsed().as_secs_f64()
+    ));
+    let pods = live_pods(&client, n, "kips.io/expose=pay").await?;
+    ensure!(pods.len() == 1, "expected one pay pod, got {}", pods.len());
+    let pod_name = pods[0].name_any();
+    ensure!(
+        pods[0].annotations()["kips.io/status"].contains("\"portMode\":\"named\""),
+        "not injected in named mode: {:?}",
+        pods[0].annotations()
+    );
+
+    // A client pod reaches pay:8080 through the Service, and lands on the sidecar.
+    let client_pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "client"},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "client", "image": images.client, "imagePullPolicy": "Never",
+                "command": ["/usr/bin/sleep", "86400"]
+            }]
+        }
+    });
+    apply(cluster, n, &[client_pod]).await?;
+    cluster
+        .kubectl(&[
+            "-n",
+            n,
+            "wait",
+            "--for=condition=Ready",
+            "pod/client",
+            "--timeout=120s",
+        ])
+        .await?;
+    let ip = cluster_ip(cluster, n, "pay").await?;
+    let answer = get_from_client(cluster, n, &format!("http://{ip}:8080/")).await?;
+    ensure!(
+        answer == format!("sidecar {pod_name}"),
+        "pay:8080 should reach the bridge sidecar, got {answer:?}"
+    );
+
+    // kips doctor on the real node: every check passes, the image is seen running there.
+    let doctor = kips_cli(&[
+        "doctor",
+        "deployment/pay",
+        "-n",
+        n,
+        "--webhook-config",
+        &config,
+        "--kubeconfig",
+        &kubeconfig,
+    ])
+    .await?;
+    say(format!("node: kips doctor deployment/pay:\n{doctor}"));
+    ensure!(doctor.contains("all 11 checks passed"), "{doctor}");
+    ensure!(
+        doctor.contains(&format!("{}: running on node", images.bridge_standin)),
+        "{doctor}"
+    );
+
+    let deleted = kips_cli(&[
+        "expose",
+        "pay",
+        "--delete",
+        "-n",
+        n,
+        "--kubeconfig",
+        &kubeconfig,
+    ])
+    .await?;
+    ensure!(
+        deleted.contains("removed Deployment pay and Service pay"),
+        "{deleted}"
+    );
+    eventually("the pay pod to go", WAIT, || async {
+        Ok(live_pods(&client, n, "kips.io/expose=pay")
+            .await?
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+
+    // An injected image the node does not have (and may not pull): doctor names it.
+    drop(webhook);
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(&config, &Default::default())
+        .await?;
+    let missing_image = "kips.test/missing:v1";
+    let webhook = KipsWebhook::start(
+        cp,
+        "missing",
+        None,
+        &[
+            "--bridge-image",
+            missing_image,
+            "--image-pull-policy",
+            "Never",
+        ],
+    )
+    .await?;
+    let config = webhook.config.name_any();
+    kips_cli(&[
+        "expose",
+        "gone",
+        "--port",
+        "8080",
+        "-n",
+        n,
+        "--placeholder-image",
+        &images.pause,
+        "--kubeconfig",
+        &kubeconfig,
+    ])
+    .await?;
+    let images_check = eventually("kips doctor to name the missing image", WAIT, || {
+        let (kubeconfig, config) = (kubeconfig.clone(), config.clone());
+        async move {
+            let out = tokio::process::Command::new(KIPS)
+                .args(["doctor", "deployment/gone", "-n", n, "-o", "json"])
+                .args(["--webhook-config", &config, "--kubeconfig", &kubeconfig])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output()
+                .await?;
+            let report: Value = serde_json::from_slice(&out.stdout)?;
+            let check = report["checks"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["name"] == "images"))
+                .cloned()
+                .context("no images check")?;
+            Ok((check["outcome"] == "fail").then_some((out.status.code(), check)))
+        }
+    })
+    .await?;
+    say(format!(
+        "node: kips doctor, image missing: {:#}",
+        images_check.1
+    ));
+    ensure!(
+        images_check.0 == Some(1),
+        "doctor exited {:?}",
+        images_check.0
+    );
+    let detail = images_check.1["detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.contains(&format!(
+            "kips-bridge cannot get image {missing_image}: ErrImageNeverPull"
+        )),
+        "{detail}"
+    );
+    ensure!(
+        images_check.1["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with(&format!(
+                "publish {missing_image} where the nodes pull from"
+            )),
+        "{}",
+        images_check.1
+    );
+    drop(webhook);
+    Ok(())
+}
+
+/// `kips <args>` to its end; its stdout, or a failure with both streams.
+async fn kips_cli(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new(KIPS)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    ensure!(
+        out.status.success(),
+        "kips {args:?} failed ({}):\n{stdout}{stderr}",
+        out.status
+    );
+    Ok(stdout)
 }
 
 /// The child role (a copy of this binary): starts a node with a running pod, then fails

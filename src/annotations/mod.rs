@@ -9,7 +9,8 @@ mod status;
 pub(crate) use effective::{InvalidAnnotations, WorkloadAnnotations};
 pub(crate) use grammar::{
     KipsAnnotations, PortMode, PortRef, PortRefError, Protocol, Redirect, RelayName,
-    RelayNameError, Reverse, copied_marker, has_kips_key, is_dns_subdomain, normalise, render_list,
+    RelayNameError, Reverse, copied_marker, has_kips_key, is_dns_subdomain, is_port_name,
+    normalise, render_list,
 };
 pub(crate) use status::{
     BRIDGE_CONTAINER, INIT_CONTAINER, InjectionStatus, RenamedPort, is_kips_container,

@@ -49,6 +49,19 @@ pub fn check_trusted(
     server_name: &str,
     now: SystemTime,
 ) -> Result<(), TrustError> {
+    let chain = CertificateDer::pem_slice_iter(served_cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TrustError::ServedNotPem(e.to_string()))?;
+    check_trusted_chain(bundle, &chain, server_name, now)
+}
+
+/// [`check_trusted`] for a chain as a TLS handshake delivers it (DER, leaf first).
+pub fn check_trusted_chain(
+    bundle: &str,
+    chain: &[CertificateDer<'_>],
+    server_name: &str,
+    now: SystemTime,
+) -> Result<(), TrustError> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
         let cert = cert.map_err(|e| TrustError::BundleNotPem(e.to_string()))?;
@@ -59,9 +72,6 @@ pub fn check_trusted(
     if roots.is_empty() {
         return Err(TrustError::EmptyBundle);
     }
-    let chain = CertificateDer::pem_slice_iter(served_cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TrustError::ServedNotPem(e.to_string()))?;
     let (leaf, intermediates) = chain.split_first().ok_or(TrustError::NothingServed)?;
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| TrustError::BadName {
         name: server_name.to_owned(),

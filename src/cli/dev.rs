@@ -1,12 +1,14 @@
-//! The developer's commands: `connect`, `redirect`, `revert`, `status`.
+//! The developer's commands: `connect`, `redirect`, `revert`, `status`, `doctor`, `expose`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::UsageError;
 use crate::dev::{
-    ConnectConfig, OutputFormat, PortMapping, RedirectConfig, RevertConfig, StatusConfig,
+    ConnectConfig, DEFAULT_PLACEHOLDER_IMAGE, DEFAULT_WEBHOOK_CONFIG, DoctorConfig, ExposeConfig,
+    OutputFormat, PortMapping, RedirectConfig, RevertConfig, StatusConfig,
 };
 use crate::k8s::KubeTarget;
 use crate::workload::WorkloadRef;
@@ -38,7 +40,7 @@ impl From<KubeArgs> for KubeTarget {
 
 #[derive(Debug, Clone, Args)]
 #[command(
-    after_help = "Examples:\n  kips connect deployment/api\n  kips connect deployment/api --port-map 8080=3000\n  kips connect deployment/api --connection-string-from-secret --print\n  KIPS_RELAY_CONNECTION_STRING='Endpoint=sb://...' sudo -E kips connect sts/db"
+    after_help = "Examples:\n  kips connect deployment/api\n  kips connect deployment/api --port-map 8080=3000\n  kips connect deployment/api --connection-string-from-secret --print\n  kips connect deployment/api --env-file .env\n  kips connect deployment/api --connection-string-from-secret -- npm start\n  KIPS_RELAY_CONNECTION_STRING='Endpoint=sb://...' sudo -E kips connect sts/db"
 )]
 pub(super) struct ConnectArgs {
     /// The workload: <kind>/<name> (deployment/deploy, statefulset/sts, daemonset/ds).
@@ -63,6 +65,19 @@ pub(super) struct ConnectArgs {
     /// Read the workload from this manifest instead of the cluster.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     file: Option<PathBuf>,
+    /// Write the app container's environment as its pod sees it (values, ConfigMap and
+    /// Secret references, envFrom, the running pod's fields) to this file, mode 0600, in
+    /// shell syntax (`set -a; . ./.env; set +a`).
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<PathBuf>,
+    /// The app container whose environment is read (default: the pod's first container that
+    /// is not kips').
+    #[arg(short = 'c', long, value_name = "NAME")]
+    container: Option<String>,
+    /// Run this command with the pod's environment while the bridge runs; when it exits,
+    /// kips stops the bridge, restores the hosts file and exits with its exit code.
+    #[arg(last = true, value_name = "COMMAND", conflicts_with = "print")]
+    command: Vec<std::ffi::OsString>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -77,6 +92,9 @@ impl ConnectArgs {
             connection_string_from_secret: self.connection_string_from_secret,
             print: self.print,
             file: self.file,
+            env_file: self.env_file,
+            container: self.container,
+            command: self.command,
             kube: self.kube.into(),
         }
     }
@@ -175,11 +193,96 @@ impl StatusArgs {
     pub(super) fn into_config(self) -> StatusConfig {
         StatusConfig {
             all_namespaces: self.all_namespaces,
-            output: match self.output {
-                OutputFormatArg::Table => OutputFormat::Table,
-                OutputFormatArg::Json => OutputFormat::Json,
-            },
+            output: self.output.into(),
             kube: self.kube.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Checks, in order: the kubeconfig and the API server; the webhook configuration, whether its caBundle trusts what the webhook serves, whether the webhook answers (a server-side dry run of a kips-annotated pod); the namespace's Pod Security level against the port mode; the relay Secret; kips' images; and for a workload its annotations, pods and rollout. Exit code 0 only when no check fails.\n\nExamples:\n  kips doctor\n  kips doctor deployment/api -n shop\n  kips doctor -o json"
+)]
+pub(super) struct DoctorArgs {
+    /// Also check this workload: <kind>/<name> (deployment/deploy, statefulset/sts,
+    /// daemonset/ds).
+    workload: Option<WorkloadRef>,
+    /// The MutatingWebhookConfiguration of kips (the Helm release name).
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_WEBHOOK_CONFIG)]
+    webhook_config: String,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: OutputFormatArg,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+impl DoctorArgs {
+    pub(super) fn into_config(self) -> DoctorConfig {
+        DoctorConfig {
+            workload: self.workload,
+            webhook_config: self.webhook_config,
+            output: self.output.into(),
+            kube: self.kube.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Makes a Service <name> and a Deployment <name> that runs kips' sidecar alone (a placeholder container declares the ports, named p<port>; the webhook injects the sidecar in named mode, which needs no privilege). In-cluster clients reach <name>:<port>, and kips connect deployment/<name> serves it from this machine. --delete removes both. Objects that kips did not make are never changed.\n\nExamples:\n  kips expose payments --port 8080 -n shop --wait\n  kips connect deployment/payments -n shop\n  kips expose payments --delete -n shop"
+)]
+pub(super) struct ExposeArgs {
+    /// The Service's name (and the Deployment's, and the relay's).
+    name: String,
+    /// The Service's ports, each served from the laptop's same port. Repeatable.
+    #[arg(long = "port", short = 'p', value_name = "PORT", value_delimiter = ',', required_unless_present = "delete", value_parser = clap::value_parser!(u16).range(1..))]
+    ports: Vec<u16>,
+    /// Remove what `kips expose <name>` made.
+    #[arg(long, conflicts_with_all = ["ports", "relay_secret", "placeholder_image", "wait"])]
+    delete: bool,
+    /// The Secret with the relay connection string; sets kips.io/relay-secret.
+    #[arg(long, value_name = "NAME")]
+    relay_secret: Option<String>,
+    /// The image of the container that only declares the ports.
+    #[arg(long, value_name = "IMAGE", default_value = DEFAULT_PLACEHOLDER_IMAGE)]
+    placeholder_image: String,
+    /// Follow the rollout until the bridge pod is injected and ready.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait (or --delete) waits.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+impl ExposeArgs {
+    pub(super) fn into_config(self) -> Result<ExposeConfig, UsageError> {
+        if !self.delete && self.ports.is_empty() {
+            return Err(UsageError::new(format!(
+                "say which ports to expose: kips expose {} --port 8080[,9090...]",
+                self.name
+            )));
+        }
+        Ok(ExposeConfig {
+            name: self.name,
+            ports: self.ports,
+            delete: self.delete,
+            relay_secret: self.relay_secret,
+            placeholder_image: self.placeholder_image,
+            wait: self.wait,
+            timeout: self.timeout,
+            kube: self.kube.into(),
+        })
+    }
+}
+
+impl From<OutputFormatArg> for OutputFormat {
+    fn from(arg: OutputFormatArg) -> Self {
+        match arg {
+            OutputFormatArg::Table => OutputFormat::Table,
+            OutputFormatArg::Json => OutputFormat::Json,
         }
     }
 }
@@ -221,6 +324,67 @@ mod tests {
             Some("team")
         );
         assert!(parse(&["kips", "connect", "pod/x"]).is_err());
+    }
+
+    #[test]
+    fn connect_takes_an_env_file_and_a_command() {
+        let Ok(Command::Connect(config)) = parse(&[
+            "kips",
+            "connect",
+            "deploy/api",
+            "--env-file",
+            ".env",
+            "-c",
+            "web",
+            "--",
+            "./run.sh",
+            "--port",
+            "3000",
+        ]) else {
+            panic!("connect flags")
+        };
+        assert_eq!(
+            config.env_file.as_deref(),
+            Some(std::path::Path::new(".env"))
+        );
+        assert_eq!(config.container.as_deref(), Some("web"));
+        assert_eq!(config.command, ["./run.sh", "--port", "3000"]);
+        assert!(parse(&["kips", "connect", "deploy/api", "--print", "--", "x"]).is_err());
+    }
+
+    #[test]
+    fn doctor_and_expose_flags_parse() {
+        let Ok(Command::Doctor(config)) = parse(&[
+            "kips",
+            "doctor",
+            "sts/db",
+            "-o",
+            "json",
+            "--webhook-config",
+            "other",
+        ]) else {
+            panic!("doctor flags")
+        };
+        assert_eq!(config.workload.unwrap().to_string(), "statefulset/db");
+        assert_eq!(config.webhook_config, "other");
+        let Ok(Command::Doctor(config)) = parse(&["kips", "doctor"]) else {
+            panic!("doctor flags")
+        };
+        assert_eq!(config.webhook_config, "kips");
+        let Ok(Command::Expose(config)) =
+            parse(&["kips", "expose", "pay", "--port", "8080,9090", "-n", "shop"])
+        else {
+            panic!("expose flags")
+        };
+        assert_eq!(config.ports, [8080, 9090]);
+        assert_eq!(config.placeholder_image, "registry.k8s.io/pause:3.10");
+        let Ok(Command::Expose(config)) = parse(&["kips", "expose", "pay", "--delete"]) else {
+            panic!("expose --delete")
+        };
+        assert!(config.delete && config.ports.is_empty());
+        assert!(parse(&["kips", "expose", "pay"]).is_err());
+        assert!(parse(&["kips", "expose", "pay", "--port", "0"]).is_err());
+        assert!(parse(&["kips", "expose", "pay", "--delete", "--port", "80"]).is_err());
     }
 
     #[test]

@@ -8,9 +8,15 @@ mod initnet;
 mod inject;
 mod webhook;
 
-use clap::{Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::Command;
+
+/// The file name kubectl runs kips by as a plugin (`kubectl kips ...`).
+pub const PLUGIN_NAME: &str = "kubectl-kips";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +48,34 @@ enum CliCommand {
     Status(dev::StatusArgs),
     /// Create or inspect webhook certificates.
     Certs(certs::CertsArgs),
+    /// Check what a redirect needs: cluster, webhook, certificates, Pod Security, relay
+    /// Secret, images, and a workload's pods.
+    Doctor(dev::DoctorArgs),
+    /// A Service that exists only on this machine: a bridge-only Deployment and a Service.
+    Expose(dev::ExposeArgs),
+    /// Print a shell completion script (bash, zsh, fish).
+    #[command(
+        after_help = "Examples:\n  source <(kips completion bash)\n  kips completion zsh > \"${fpath[1]}/_kips\"\n  kips completion fish > ~/.config/fish/completions/kips.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// The shells `kips completion` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// `kips completion <shell>`: which shell, and the name the script completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletionRequest {
+    pub shell: CompletionShell,
+    pub bin_name: String,
 }
 
 /// Flags that parse but do not fit together, or values only kips can check.
@@ -55,9 +89,53 @@ impl UsageError {
     }
 }
 
+/// How help and usage name the program: `kubectl kips` when kubectl runs it as a plugin
+/// (its file is named `kubectl-kips`), else `kips`.
+pub fn display_name(argv0: Option<&OsString>) -> &'static str {
+    let file = argv0.and_then(|a| Path::new(a).file_name().map(|f| f.to_os_string()));
+    if file.as_deref() == Some(std::ffi::OsStr::new(PLUGIN_NAME)) {
+        "kubectl kips"
+    } else {
+        "kips"
+    }
+}
+
+/// Parses the process's arguments (exits with clap's message and code on bad ones, or
+/// after printing help), naming the program as it was started.
+pub fn parse_args() -> Result<Command, UsageError> {
+    parse_from(std::env::args_os().collect())
+}
+
+fn parse_from(argv: Vec<OsString>) -> Result<Command, UsageError> {
+    let name = display_name(argv.first());
+    let matches = Cli::command().bin_name(name).get_matches_from(argv.clone());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let script_name = match name {
+        "kips" => "kips".to_owned(),
+        _ => PLUGIN_NAME.to_owned(),
+    };
+    cli.into_command_named(&script_name)
+}
+
+/// Writes the completion script `request` asks for.
+pub fn write_completion(request: &CompletionRequest, out: &mut dyn std::io::Write) {
+    use clap_complete::Shell;
+    let shell = match request.shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut command = Cli::command();
+    clap_complete::generate(shell, &mut command, request.bin_name.clone(), out);
+}
+
 impl Cli {
     /// The command to run, as plain data.
     pub fn into_command(self) -> Result<Command, UsageError> {
+        self.into_command_named("kips")
+    }
+
+    fn into_command_named(self, bin_name: &str) -> Result<Command, UsageError> {
         Ok(match self.command {
             CliCommand::Webhook(args) => {
                 let log_format = args.log_format.into();
@@ -70,6 +148,12 @@ impl Cli {
             CliCommand::Revert(args) => Command::Revert(args.into_config()),
             CliCommand::Status(args) => Command::Status(args.into_config()),
             CliCommand::Certs(args) => Command::Certs(args.into_config()),
+            CliCommand::Doctor(args) => Command::Doctor(args.into_config()),
+            CliCommand::Expose(args) => Command::Expose(args.into_config()?),
+            CliCommand::Completion { shell } => Command::Completion(CompletionRequest {
+                shell,
+                bin_name: bin_name.to_owned(),
+            }),
         })
     }
 }
@@ -87,6 +171,54 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn as_a_kubectl_plugin_it_is_named_kubectl_kips() {
+        let argv0 = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            display_name(argv0("/usr/local/bin/kubectl-kips").as_ref()),
+            "kubectl kips"
+        );
+        assert_eq!(display_name(argv0("kubectl-kips").as_ref()), "kubectl kips");
+        assert_eq!(display_name(argv0("/usr/bin/kips").as_ref()), "kips");
+        assert_eq!(display_name(None), "kips");
+        let help = Cli::command()
+            .bin_name("kubectl kips")
+            .render_usage()
+            .to_string();
+        assert!(help.starts_with("Usage: kubectl kips"), "{help}");
+        let Ok(Command::Completion(request)) = parse_from(
+            ["/x/kubectl-kips", "completion", "bash"]
+                .iter()
+                .map(OsString::from)
+                .collect(),
+        ) else {
+            panic!("completion")
+        };
+        assert_eq!(request.bin_name, "kubectl-kips");
+    }
+
+    #[test]
+    fn completions_cover_the_subcommands() {
+        for shell in [
+            CompletionShell::Bash,
+            CompletionShell::Zsh,
+            CompletionShell::Fish,
+        ] {
+            let mut out = Vec::new();
+            write_completion(
+                &CompletionRequest {
+                    shell,
+                    bin_name: "kips".into(),
+                },
+                &mut out,
+            );
+            let text = String::from_utf8(out).unwrap();
+            for word in ["doctor", "expose", "connect", "completion", "env-file"] {
+                assert!(text.contains(word), "{shell:?} lacks {word}");
+            }
+        }
     }
 
     pub(super) fn parse(argv: &[&str]) -> Result<Command, String> {

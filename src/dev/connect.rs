@@ -1,9 +1,12 @@
 //! `kips connect`: run azbridge on the developer's machine, the mirror image of the sidecar,
 //! and put the machine back as it was when it ends (Ctrl-C, SIGTERM, SIGHUP, or azbridge's
-//! own exit).
+//! own exit). With `--env-file` or `-- <command>`, the app container's environment is read
+//! first, and the command runs beside the bridge: its exit ends the session
+//! ([`super::session`] holds both).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -17,6 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::ConnectConfig;
 use super::hosts::{self, HostsFile};
 use super::laptop::{self, LaptopPlan, Printable};
+use super::session::{self, SessionCommand};
 use crate::annotations::{InjectionStatus, STATUS};
 use crate::bridge::CONNECTION_STRING_ENV;
 use crate::bridge::{CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
@@ -26,6 +30,8 @@ use crate::workload::Workload;
 
 /// How long azbridge gets to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long the session command gets to end by itself after a signal reached it.
+const COMMAND_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(args: ConnectConfig) -> Result<()> {
     let (object, namespace, kube) = load(&args).await?;
@@ -56,6 +62,11 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
     // Fail on a bad --port-map or an unresolvable port before touching anything.
     plan_with(&BTreeSet::new())?;
     let label = format!("{namespace}/{target}");
+    let environment = if args.env_file.is_some() || !args.command.is_empty() {
+        Some(session_environment(&args, &object, kube.as_ref(), &label).await?)
+    } else {
+        None
+    };
 
     if args.print {
         let taken = if needs_hosts {
@@ -155,19 +166,66 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         }
     };
     let tail = OutputTail::follow(&mut child);
+    let mut command = match environment.filter(|_| !args.command.is_empty()) {
+        None => None,
+        Some(env) => match SessionCommand::spawn(&args.command, &env) {
+            Ok(command) => Some(command),
+            Err(error) => {
+                stop(&mut child).await;
+                guard.restore();
+                return Err(error);
+            }
+        },
+    };
     let outcome = tokio::select! {
         status = child.wait() => Outcome::Exited(status),
-        _ = interrupt.recv() => Outcome::Signal("SIGINT"),
-        _ = terminate.recv() => Outcome::Signal("SIGTERM"),
-        _ = hangup.recv() => Outcome::Signal("SIGHUP"),
+        status = wait_for(&mut command) => Outcome::CommandExited(status),
+        _ = interrupt.recv() => Outcome::Signal("SIGINT", libc::SIGINT),
+        _ = terminate.recv() => Outcome::Signal("SIGTERM", libc::SIGTERM),
+        _ = hangup.recv() => Outcome::Signal("SIGHUP", libc::SIGHUP),
     };
     let code = match outcome {
-        Outcome::Signal(name) => {
-            eprintln!("kips connect: {name}: stopping azbridge");
+        Outcome::Signal(name, number) => {
+            let code = match command.as_mut() {
+                Some(command) => {
+                    // A Ctrl-C typed at the terminal reached the command already (it is in
+                    // kips' process group); anything else is passed on.
+                    if number != libc::SIGINT || !std::io::stdin().is_terminal() {
+                        command.signal(number);
+                    }
+                    eprintln!(
+                        "kips connect: {name}: waiting for {} to end, then stopping azbridge",
+                        command.program
+                    );
+                    command.finish(COMMAND_GRACE).await.map_or(1, exit_code)
+                }
+                None => {
+                    eprintln!("kips connect: {name}: stopping azbridge");
+                    0
+                }
+            };
             stop(&mut child).await;
-            0
+            // What azbridge printed until it stopped is shown in full.
+            tail.finish().await;
+            code
+        }
+        Outcome::CommandExited(status) => {
+            let status = status.context("waiting for the command")?;
+            let program = command.as_ref().map_or("", |c| c.program.as_str());
+            eprintln!("kips connect: {program} exited ({status}): stopping azbridge");
+            stop(&mut child).await;
+            tail.finish().await;
+            exit_code(status)
         }
         Outcome::Exited(status) => {
+            if let Some(command) = command.as_mut() {
+                eprintln!(
+                    "kips connect: azbridge ended, so the session is over: stopping {}",
+                    command.program
+                );
+                command.signal(libc::SIGTERM);
+                command.finish(STOP_GRACE).await;
+            }
             let status = status.context("waiting for azbridge")?;
             // azbridge exits 0 whatever went wrong (a refused key, an unknown hybrid
             // connection, a port in use): any exit kips did not ask for is a failure.
@@ -300,7 +358,67 @@ impl OutputTail {
 
 enum Outcome {
     Exited(std::io::Result<ExitStatus>),
-    Signal(&'static str),
+    CommandExited(std::io::Result<ExitStatus>),
+    Signal(&'static str, libc::c_int),
+}
+
+/// The session command's exit; never, when there is none.
+async fn wait_for(command: &mut Option<SessionCommand>) -> std::io::Result<ExitStatus> {
+    match command {
+        Some(command) => command.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the app container's environment and writes `--env-file`; names, never values, are
+/// printed.
+async fn session_environment(
+    args: &ConnectConfig,
+    object: &Workload,
+    kube: Option<&Kube>,
+    label: &str,
+) -> Result<super::env::Environment> {
+    let found = session::load_environment(kube, object, args.container.as_deref()).await?;
+    if !found.env.skipped.is_empty() {
+        eprintln!(
+            "kips connect: envFrom keys that are not variable names are left out, as in the pod: {}",
+            found.env.skipped.join(", ")
+        );
+    }
+    if let Some(path) = &args.env_file {
+        let secrets = if found.env.vars.iter().any(|v| v.secret) {
+            "Holds Secret values: keep it to yourself (mode 0600). "
+        } else {
+            ""
+        };
+        let header = format!(
+            "kips connect {label}: the environment of {}.\n{secrets}Read it with: set -a; . {}; set +a",
+            found.describe(),
+            path.display()
+        );
+        let (text, left_out) = super::env::dotenv(&found.env, &header);
+        session::write_env_file(path, &text)?;
+        println!(
+            "kips connect {label}: wrote {} to {} (mode 0600){}",
+            found.describe(),
+            path.display(),
+            found.secrets_note()
+        );
+        if !left_out.is_empty() {
+            eprintln!(
+                "kips connect: not in {} (a shell cannot assign these names; the command after -- gets them): {}",
+                path.display(),
+                left_out.join(", ")
+            );
+        }
+    } else {
+        println!(
+            "kips connect {label}: the command gets {}{}",
+            found.describe(),
+            found.secrets_note()
+        );
+    }
+    Ok(found.env)
 }
 
 fn nanos() -> u128 {

@@ -1,12 +1,18 @@
-//! The developer's side: `kips redirect`, `revert`, `status` and `connect`.
+//! The developer's side: `kips redirect`, `revert`, `status`, `connect`, `doctor` and
+//! `expose`.
 //!
 //! The decisions are pure and live in their own modules ([`laptop`], [`hosts`], [`rollout`],
-//! [`status`]); this module and [`connect`] do the I/O.
+//! [`status`], [`env`], and the judgements of [`doctor`] and the objects of [`expose`]); this
+//! module, [`connect`], [`session`] and the runners of `doctor` and `expose` do the I/O.
 
 pub(crate) mod connect;
+pub(crate) mod doctor;
+pub(crate) mod env;
+pub(crate) mod expose;
 pub(crate) mod hosts;
 pub(crate) mod laptop;
 pub(crate) mod rollout;
+pub(crate) mod session;
 pub(crate) mod status;
 
 use std::collections::BTreeMap;
@@ -27,6 +33,8 @@ use crate::bridge::routes::{RedirectRoute, check_one_way};
 use crate::bridge::secret::SecretState;
 use crate::k8s::{self, ClientSettings, Kube, KubeTarget};
 use crate::workload::{Workload, WorkloadKind, WorkloadRef};
+pub use doctor::{DEFAULT_WEBHOOK_CONFIG, DoctorConfig, DoctorFailed};
+pub use expose::{DEFAULT_PLACEHOLDER_IMAGE, ExposeConfig};
 pub use laptop::PortMapping;
 
 /// `kips connect`.
@@ -46,6 +54,13 @@ pub struct ConnectConfig {
     pub print: bool,
     /// Read the workload from this manifest instead of the cluster.
     pub file: Option<PathBuf>,
+    /// Write the app container's environment here (mode 0600).
+    pub env_file: Option<PathBuf>,
+    /// The app container (default: the pod's first container that is not kips').
+    pub container: Option<String>,
+    /// Run this with the pod's environment for the length of the session; its exit ends the
+    /// session and becomes kips' exit code.
+    pub command: Vec<std::ffi::OsString>,
     pub kube: KubeTarget,
 }
 
@@ -91,6 +106,14 @@ async fn client(target: &KubeTarget) -> Result<Kube> {
 
 pub async fn connect(config: ConnectConfig) -> Result<()> {
     connect::run(config).await
+}
+
+pub async fn doctor(config: DoctorConfig) -> Result<()> {
+    doctor::run(config).await
+}
+
+pub async fn expose(config: ExposeConfig) -> Result<()> {
+    expose::run(config).await
 }
 
 /// Merge-patches a workload's metadata annotations; prints the API server's warnings and

@@ -98,7 +98,11 @@ pub fn assess(s: &Snapshot, want_injected: bool) -> Verdict {
     }
     // Conditions of a revision the controller has not moved past yet are stale.
     if !s.observed {
-        return Verdict::Waiting(format!("{w}: waiting for the controller to see the change"));
+        let (_, ready) = s.counts(want_injected);
+        return Verdict::Waiting(format!(
+            "{w}: waiting for the controller to see the change, {ready}/{} ready",
+            s.desired
+        ));
     }
     if let Some(blocked) = &s.blocked {
         return Verdict::Failed(format!("{w}: {blocked}"));
@@ -409,7 +413,14 @@ pub fn selector_string(selector: &LabelSelector) -> String {
 /// The relay Secret the pods use: from an injected pod's `kips-bridge` (the webhook's
 /// configured default included), else the annotation, else kips' default.
 pub fn relay_secret_name(object: &Workload, pods: &[Pod]) -> String {
-    let from_pod = pods.iter().find_map(|pod| {
+    relay_secret_of_pods(pods)
+        .or_else(|| object.kips().ok().and_then(|k| k.relay_secret))
+        .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned())
+}
+
+/// The Secret an injected pod's `kips-bridge` reads the connection string from.
+pub fn relay_secret_of_pods(pods: &[Pod]) -> Option<String> {
+    pods.iter().find_map(|pod| {
         let spec = pod.spec.as_ref()?;
         spec.init_containers
             .iter()
@@ -425,10 +436,7 @@ pub fn relay_secret_name(object: &Workload, pods: &[Pod]) -> String {
             .secret_key_ref
             .as_ref()
             .map(|r| r.name.clone())
-    });
-    from_pod
-        .or_else(|| object.kips().ok().and_then(|k| k.relay_secret))
-        .unwrap_or_else(|| DEFAULT_RELAY_SECRET.to_owned())
+    })
 }
 
 /// Everything read about one workload in one poll.
@@ -496,10 +504,15 @@ pub async fn rejection_event(kube: &Kube, object: &Workload, since: Timestamp) -
         .and_then(|e| e.message)
 }
 
-/// A progress line: rewritten in place on a terminal, printed when it changes otherwise.
+/// A progress line with the time elapsed: rewritten in place on a terminal (the clock
+/// ticks), and off a terminal printed as a plain line only when the state changes.
 pub struct Progress {
     tty: bool,
-    last: String,
+    out: Box<dyn Write + Send>,
+    started: Instant,
+    /// The last state shown, and the last line written (on a terminal).
+    last_state: String,
+    last_line: String,
 }
 
 impl Default for Progress {
@@ -509,33 +522,57 @@ impl Default for Progress {
 }
 
 impl Progress {
+    /// On stderr, as a terminal if it is one.
     pub fn new() -> Self {
+        Self::to(std::io::stderr().is_terminal(), Box::new(std::io::stderr()))
+    }
+
+    pub fn to(tty: bool, out: Box<dyn Write + Send>) -> Self {
         Self {
-            tty: std::io::stderr().is_terminal(),
-            last: String::new(),
+            tty,
+            out,
+            started: Instant::now(),
+            last_state: String::new(),
+            last_line: String::new(),
         }
     }
 
-    pub fn update(&mut self, line: &str) {
-        if line == self.last {
-            return;
-        }
-        let mut err = std::io::stderr().lock();
+    pub fn update(&mut self, state: &str) {
+        self.update_at(state, self.started.elapsed());
+    }
+
+    fn update_at(&mut self, state: &str, elapsed: Duration) {
+        let line = progress_line(state, elapsed);
         if self.tty {
-            let _ = write!(err, "\r\x1b[2K{line}");
-        } else {
-            let _ = writeln!(err, "{line}");
+            if line != self.last_line {
+                let _ = write!(self.out, "\r\x1b[2K{line}");
+            }
+        } else if state != self.last_state {
+            let _ = writeln!(self.out, "{line}");
         }
-        let _ = err.flush();
-        self.last = line.to_owned();
+        let _ = self.out.flush();
+        self.last_state = state.to_owned();
+        self.last_line = line;
     }
 
     pub fn finish(&mut self) {
-        if self.tty && !self.last.is_empty() {
-            let _ = writeln!(std::io::stderr());
+        if self.tty && !self.last_line.is_empty() {
+            let _ = writeln!(self.out);
         }
-        self.last.clear();
+        self.last_state.clear();
+        self.last_line.clear();
     }
+}
+
+/// `[1m05s] deployment/api: 1/2 pods injected, 0/2 ready`.
+pub fn progress_line(state: &str, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs();
+    let clock = if seconds < 60 {
+        format!("{seconds}s")
+    } else {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    };
+    format!("[{clock}] {state}")
 }
 
 /// Follows the rollout of `target` until it is done, failed or timed out.
@@ -776,6 +813,57 @@ mod tests {
             assess(&snapshot(&d, &sets, &[broken], None, None), true),
             Verdict::Waiting(m) if m.contains("(a: kips-bridge: ImagePullBackOff")
         ));
+    }
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn progress_ticks_on_a_terminal_and_prints_changes_elsewhere() {
+        let states = [
+            ("a: 0/2 pods injected, 0/2 ready", 1),
+            ("a: 0/2 pods injected, 0/2 ready", 2),
+            ("a: 1/2 pods injected, 0/2 ready", 3),
+            ("a: 1/2 pods injected, 0/2 ready", 3),
+            ("a: 2/2 pods injected, 1/2 ready", 65),
+        ];
+        let plain = Shared::default();
+        let mut progress = Progress::to(false, Box::new(plain.clone()));
+        for (state, at) in states {
+            progress.update_at(state, Duration::from_secs(at));
+        }
+        progress.finish();
+        assert_eq!(
+            plain.text(),
+            "[1s] a: 0/2 pods injected, 0/2 ready\n[3s] a: 1/2 pods injected, 0/2 ready\n[1m05s] a: 2/2 pods injected, 1/2 ready\n"
+        );
+        let tty = Shared::default();
+        let mut progress = Progress::to(true, Box::new(tty.clone()));
+        for (state, at) in states {
+            progress.update_at(state, Duration::from_secs(at));
+        }
+        progress.finish();
+        let rewrites = tty.text().matches("\r\x1b[2K").count();
+        assert_eq!(rewrites, 4, "{:?}", tty.text());
+        assert!(tty.text().contains("\r\x1b[2K[2s] a: 0/2"));
+        assert!(tty.text().ends_with("1/2 ready\n"));
     }
 
     #[test]

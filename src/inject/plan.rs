@@ -132,18 +132,7 @@ pub fn plan(
     }
 
     let requested = annotations.port_mode.unwrap_or(config.default_port_mode);
-    let mode = (!resolved.is_empty()).then(|| match requested {
-        PortMode::Auto
-            if annotations
-                .redirects
-                .iter()
-                .all(|r| matches!(r.port, PortRef::Name(_))) =>
-        {
-            PortMode::Named
-        }
-        PortMode::Auto => PortMode::Iptables,
-        explicit => explicit,
-    });
+    let mode = (!resolved.is_empty()).then(|| resolve_port_mode(requested, &annotations.redirects));
 
     let taken: BTreeSet<u16> = pod
         .spec
@@ -217,6 +206,18 @@ impl Plan {
                 listen_port: p.bridge.listen_port,
             })
             .collect()
+    }
+}
+
+/// The port mode `requested` means for `redirects`: `auto` is `named` when every redirect
+/// names its port, `iptables` otherwise. The one rule, used by the webhook and `kips doctor`.
+pub fn resolve_port_mode(requested: PortMode, redirects: &[Redirect]) -> PortMode {
+    match requested {
+        PortMode::Auto if redirects.iter().all(|r| matches!(r.port, PortRef::Name(_))) => {
+            PortMode::Named
+        }
+        PortMode::Auto => PortMode::Iptables,
+        explicit => explicit,
     }
 }
 

@@ -7,6 +7,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod bridge;
+mod relay;
+
 use crate::annotations::PortMode;
 use crate::inject::{DEFAULT_LISTEN_PORT_BASE, DEFAULT_RELAY_SECRET, InjectConfig};
 
@@ -40,6 +43,10 @@ pub enum Command {
     Status(crate::dev::StatusArgs),
     /// Create or inspect webhook certificates.
     Certs(crate::certs::CertsArgs),
+    /// Run a relay bridge, wire-compatible with azbridge (-x, -L, -T).
+    Bridge(Box<bridge::BridgeArgs>),
+    /// Test relay, NOT for production: Azure Relay Hybrid Connections on loopback.
+    Relay(relay::RelayArgs),
 }
 
 /// What gets injected: shared by `webhook` and `inject`.
@@ -201,6 +208,8 @@ pub fn run() -> Result<()> {
         Command::Revert(args) => runtime()?.block_on(crate::dev::revert(args)),
         Command::Status(args) => runtime()?.block_on(crate::dev::status(args)),
         Command::Certs(args) => runtime()?.block_on(crate::certs::run(args)),
+        Command::Bridge(args) => args.run(),
+        Command::Relay(args) => args.run(),
     }
 }
 

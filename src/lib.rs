@@ -9,6 +9,7 @@ pub mod inject;
 
 /// The azbridge release the default sidecar image carries.
 pub const AZBRIDGE_VERSION: &str = "0.16.1";
+pub mod bridge;
 pub mod certs;
 pub mod cli;
 pub mod cluster;
@@ -16,6 +17,7 @@ pub mod dev;
 pub mod initnet;
 pub mod manifest;
 pub mod metrics;
+pub mod relay;
 pub mod server;
 pub mod tls;
 pub mod webhook;

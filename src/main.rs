@@ -3,7 +3,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("kips: {error:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(kips::bridge::exit_code(&error))
         }
     }
 }

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 pub use connection_string::Secret;
 pub use grammar::{LocalBinding, LocalForward, RemoteBinding, RemoteForward};
+pub(crate) use run::raise_open_file_limit;
 pub use run::{run, run_until};
 pub use tls::ExtraCa;
 

@@ -27,7 +27,25 @@ use super::{BridgeConfig, BridgeError};
 
 /// Runs until SIGTERM or SIGINT (Ok) or a fatal refusal (Err).
 pub async fn run(config: BridgeConfig) -> Result<(), BridgeError> {
+    raise_open_file_limit();
     run_until(config, termination()).await
+}
+
+/// Every carried connection holds two sockets: take the hard limit of open files, not the
+/// soft one (often 1024), as Go's runtime does for its servers.
+pub(crate) fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 async fn termination() {
@@ -128,14 +146,41 @@ pub async fn run_until(
                 metrics: metrics.binding(forward.relay.as_str(), &name, Side::Local),
                 name: name.clone(),
             });
-            for address in bind_addresses(binding).await? {
+            let addresses = bind_addresses(binding).await?;
+            let mut bound = 0;
+            let mut first_error = None;
+            for address in &addresses {
                 let protocol = if binding.port.udp { "udp" } else { "tcp" };
-                if binding.port.udp {
-                    background.spawn(datagram::serve_local(bind_udp(address)?, context.clone()));
+                let result = if binding.port.udp {
+                    bind_udp(*address).map(|socket| {
+                        background.spawn(datagram::serve_local(socket, context.clone()));
+                    })
                 } else {
-                    background.spawn(local::serve_tcp(bind_tcp(address)?, context.clone()));
+                    bind_tcp(*address).map(|listener| {
+                        background.spawn(local::serve_tcp(listener, context.clone()));
+                    })
+                };
+                match result {
+                    Ok(()) => {
+                        bound += 1;
+                        info!(%address, protocol, relay = %forward.relay, binding = %name, "-L listening");
+                    }
+                    // A name may resolve to an address this machine cannot bind (::1 with
+                    // IPv6 off): the others serve. An IP address must bind.
+                    Err(error)
+                        if matches!(binding.bind_host(), Host::Name(_)) && addresses.len() > 1 =>
+                    {
+                        warn!(%error, "skipping one address of the binding's host name");
+                        first_error.get_or_insert(error);
+                    }
+                    Err(error) => return Err(error),
                 }
-                info!(%address, protocol, relay = %forward.relay, binding = %name, "-L listening");
+            }
+            if bound == 0 {
+                return Err(first_error.unwrap_or(BridgeError::Resolve {
+                    host: binding.bind_host().to_plain_string(),
+                    error: std::io::Error::other("no address"),
+                }));
             }
         }
     }

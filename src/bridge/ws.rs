@@ -128,7 +128,10 @@ impl WsReceiver {
                         .unwrap_or_default();
                     return Ok(Incoming::Close { code, reason });
                 }
-                OpCode::Ping => self.sender.pong(payload).await?,
+                // After our own Close nothing can be sent, a pong included: that is no error.
+                OpCode::Ping => {
+                    let _ = self.sender.pong(payload).await;
+                }
                 OpCode::Pong => return Ok(Incoming::Pong),
             }
         }

@@ -68,6 +68,7 @@ struct State {
 /// Runs the relay until SIGTERM or SIGINT.
 pub async fn run(config: RelayConfig) -> Result<(), RelayError> {
     use tokio::signal::unix::{SignalKind, signal};
+    crate::bridge::raise_open_file_limit();
     let shutdown = async {
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),

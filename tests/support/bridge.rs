@@ -214,6 +214,10 @@ impl Relay {
             .unwrap_or_default()
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(Process::pid)
+    }
+
     /// Starts (again) on the same port and waits until it serves.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();

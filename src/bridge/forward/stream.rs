@@ -89,10 +89,10 @@ pub(crate) async fn pump(
         }
     };
     let result = tokio::try_join!(upstream, downstream);
-    if result.is_err() {
-        if let Ok(tcp) = tcp_read.reunite(tcp_write) {
-            reset_on_drop(&tcp);
-        }
+    if result.is_err()
+        && let Ok(tcp) = tcp_read.reunite(tcp_write)
+    {
+        reset_on_drop(&tcp);
     }
     result.map(|_| ())
 }

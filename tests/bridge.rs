@@ -613,3 +613,181 @@ async fn a_config_file_and_the_ca_from_the_environment_work_like_flags() -> Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_stops_answering_is_noticed_by_the_keepalive() -> Result<()> {
+    let dir = temp_dir("bridge-keepalive-");
+    let relay = Relay::start(dir.path(), &["api"], &[]).await?;
+    let remote = Bridge::start("remote", &relay, &["-a", "1", "-T", "api:8080"])?;
+    remote.wait_ready(Duration::from_secs(15)).await?;
+    // Frozen, the relay keeps its sockets open but answers no ping.
+    let pid = relay.pid().expect("the relay runs") as libc::pid_t;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let noticed = eventually("the listener offline", Duration::from_secs(6), || async {
+        remote.get("/readyz").await.ok().filter(|(s, _)| *s == 503)
+    })
+    .await;
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    noticed?;
+    assert!(
+        remote.log_text().contains("no answer to pings"),
+        "{}",
+        remote.log_text()
+    );
+    remote.wait_ready(Duration::from_secs(20)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_holds_a_fast_sender_without_buffering_in_the_bridges() -> Result<()> {
+    let dir = temp_dir("bridge-pressure-");
+    let relay = Relay::start(dir.path(), &["api"], &[]).await?;
+    // A target that reads nothing until told to, then counts to the end.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let target = listener.local_addr()?;
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let counted = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await?;
+        let _ = wait.await;
+        let mut total = 0usize;
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            match stream.read(&mut buffer).await? {
+                0 => return Ok::<usize, std::io::Error>(total),
+                n => total += n,
+            }
+        }
+    });
+    let listen = free_port();
+    let remote = Bridge::start("remote", &relay, &["-T", &format!("api:slow/{target}")])?;
+    let local_bridge = Bridge::start(
+        "local",
+        &relay,
+        &["-L", &format!("127.0.0.1:{listen}/slow:api")],
+    )?;
+    remote.wait_ready(Duration::from_secs(15)).await?;
+    local_bridge.wait_ready(Duration::from_secs(15)).await?;
+    const TOTAL: usize = 128 * 1024 * 1024;
+    let mut stream = TcpStream::connect(local(listen)).await?;
+    let chunk = vec![7u8; 1024 * 1024];
+    let mut written = 0;
+    // `write`, not `write_all`: the count stays exact when the timeout cuts a write short.
+    let stalled = tokio::time::timeout(Duration::from_secs(3), async {
+        while written < TOTAL {
+            let end = (TOTAL - written).min(chunk.len());
+            written += stream.write(&chunk[..end]).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    assert!(
+        stalled.is_err(),
+        "128 MiB went into a target that reads nothing: nothing held the sender back"
+    );
+    assert!(written < TOTAL / 2, "{written} bytes buffered on the way");
+    let rss = |bridge: &Bridge| -> f64 {
+        let pid = bridge.process.pid().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(f64::MAX, |kib| kib / 1024.0)
+    };
+    assert!(
+        rss(&local_bridge) < 64.0 && rss(&remote) < 64.0,
+        "the bridges buffered: {} / {} MiB",
+        rss(&local_bridge),
+        rss(&remote)
+    );
+    let _ = go.send(());
+    while written < TOTAL {
+        let end = (TOTAL - written).min(chunk.len());
+        written += stream.write(&chunk[..end]).await?;
+    }
+    stream.shutdown().await?;
+    let total = tokio::time::timeout(Duration::from_secs(60), counted).await???;
+    assert_eq!(total, TOTAL);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_udp_routes_expire_and_the_next_datagram_opens_a_new_one() -> Result<()> {
+    let dir = temp_dir("bridge-udp-idle-");
+    let relay = Relay::start(dir.path(), &["dns"], &[]).await?;
+    let echo = udp_echo_server().await;
+    let listen = free_port();
+    let remote = Bridge::start(
+        "remote",
+        &relay,
+        &["--udp-idle=1s", "-T", &format!("dns:dns/{echo}U")],
+    )?;
+    let local_bridge = Bridge::start(
+        "local",
+        &relay,
+        &[
+            "--udp-idle=1s",
+            "-L",
+            &format!("127.0.0.1:{listen}U/dns:dns"),
+        ],
+    )?;
+    remote.wait_ready(Duration::from_secs(15)).await?;
+    local_bridge.wait_ready(Duration::from_secs(15)).await?;
+    let client = UdpSocket::bind("127.0.0.1:0").await?;
+    assert_eq!(udp_round(&client, local(listen), 0, 5, 5).await?, 5);
+    let active = |text: &str| {
+        metric(
+            text,
+            "kips_bridge_active_connections",
+            &["binding=\"dns\"", "side=\"local\""],
+        )
+    };
+    let (_, metrics) = local_bridge.get("/metrics").await?;
+    assert_eq!(active(&metrics), Some(1.0), "{metrics}");
+    eventually("the idle route closed", Duration::from_secs(10), || async {
+        let (_, metrics) = local_bridge.get("/metrics").await.ok()?;
+        (active(&metrics) == Some(0.0)).then_some(())
+    })
+    .await?;
+    assert_eq!(udp_round(&client, local(listen), 5, 5, 5).await?, 5);
+    let (_, metrics) = local_bridge.get("/metrics").await?;
+    assert_eq!(
+        metric(
+            &metrics,
+            "kips_bridge_connections_total",
+            &["binding=\"dns\"", "side=\"local\""]
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hybrid_connection_takes_25_listeners_and_refuses_the_26th() -> Result<()> {
+    let dir = temp_dir("bridge-25-");
+    let relay = Relay::start(dir.path(), &["api"], &[]).await?;
+    let expressions: Vec<String> = (0..25)
+        .flat_map(|_| ["-T".to_owned(), "api:8080".to_owned()])
+        .collect();
+    let expressions: Vec<&str> = expressions.iter().map(String::as_str).collect();
+    let full = Bridge::start("twenty-five", &relay, &expressions)?;
+    full.wait_ready(Duration::from_secs(20)).await?;
+    let mut one_more = Bridge::start("twenty-sixth", &relay, &["-T", "api:8080"])?;
+    let status = one_more
+        .process
+        .exited_within(Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(3),
+        "{}",
+        one_more.log_text()
+    );
+    assert!(
+        one_more.log_text().contains("QuotaExceeded"),
+        "{}",
+        one_more.log_text()
+    );
+    Ok(())
+}

@@ -220,8 +220,16 @@ async fn round_trips(address: SocketAddr, samples: usize) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-/// VmRSS and VmHWM of a process, in MiB.
-fn memory(pid: u32) -> (f64, f64) {
+/// A process's memory from /proc/<pid>/status, in MiB.
+#[derive(Clone, Copy)]
+struct Memory {
+    rss: f64,
+    anon: f64,
+    file: f64,
+    peak: f64,
+}
+
+fn memory(pid: u32) -> Memory {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -231,7 +239,12 @@ fn memory(pid: u32) -> (f64, f64) {
             .and_then(|kib| kib.parse::<f64>().ok())
             .map_or(f64::NAN, |kib| kib / 1024.0)
     };
-    (field("VmRSS:"), field("VmHWM:"))
+    Memory {
+        rss: field("VmRSS:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+        peak: field("VmHWM:"),
+    }
 }
 
 fn raise_open_files() {
@@ -313,7 +326,7 @@ async fn run(options: Options) -> Result<()> {
         ("kips bridge -T", remote.pid().context("-T pid")?),
         ("kips relay", relay_pid(&relay)?),
     ];
-    let idle: Vec<(f64, f64)> = pids.iter().map(|(_, pid)| memory(*pid)).collect();
+    let idle: Vec<Memory> = pids.iter().map(|(_, pid)| memory(*pid)).collect();
 
     println!("# kips bridge benchmark\n");
     println!("load average before: {}", load_average());
@@ -384,7 +397,7 @@ async fn run(options: Options) -> Result<()> {
         open.push(stream);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let loaded: Vec<(f64, f64)> = pids.iter().map(|(_, pid)| memory(*pid)).collect();
+    let loaded: Vec<Memory> = pids.iter().map(|(_, pid)| memory(*pid)).collect();
     // Every stream still works.
     for stream in open.iter_mut().step_by((options.streams / 20).max(1)) {
         stream.write_all(b"z").await?;
@@ -392,14 +405,17 @@ async fn run(options: Options) -> Result<()> {
         stream.read_exact(&mut byte).await?;
         ensure!(&byte == b"z", "an open stream stopped carrying");
     }
-    println!("\n## Memory (MiB; VmRSS, and VmHWM = peak)\n");
+    println!("\n## Memory (MiB: VmRSS = RssAnon + RssFile (+ shmem); VmHWM = peak over the run)\n");
     println!(
-        "| process | idle VmRSS | {n} open streams VmRSS | VmHWM over the run |",
+        "| process | idle VmRSS (anon + file) | {n} open streams VmRSS (anon + file) | VmHWM over the run |",
         n = options.streams
     );
     println!("|---|---:|---:|---:|");
-    for (((name, _), (idle_rss, _)), (rss, hwm)) in pids.iter().zip(&idle).zip(&loaded) {
-        println!("| {name} | {idle_rss:.1} | {rss:.1} | {hwm:.1} |");
+    for (((name, _), idle), loaded) in pids.iter().zip(&idle).zip(&loaded) {
+        println!(
+            "| {name} | {:.1} ({:.1} + {:.1}) | {:.1} ({:.1} + {:.1}) | {:.1} |",
+            idle.rss, idle.anon, idle.file, loaded.rss, loaded.anon, loaded.file, loaded.peak
+        );
     }
     drop(open);
 
@@ -407,8 +423,8 @@ async fn run(options: Options) -> Result<()> {
     println!("| target | measured |");
     println!("|---|---|");
     println!("| one stream ≥ 1 Gbit/s | {single_gbit:.2} Gbit/s (to target) |");
-    let worst_loaded = loaded[..2].iter().map(|(rss, _)| *rss).fold(0.0, f64::max);
-    let worst_idle = idle[..2].iter().map(|(rss, _)| *rss).fold(0.0, f64::max);
+    let worst_loaded = loaded[..2].iter().map(|m| m.rss).fold(0.0, f64::max);
+    let worst_idle = idle[..2].iter().map(|m| m.rss).fold(0.0, f64::max);
     println!(
         "| {} streams ≤ 64 MiB (per bridge process) | {worst_loaded:.1} MiB |",
         options.streams

@@ -791,3 +791,27 @@ async fn a_hybrid_connection_takes_25_listeners_and_refuses_the_26th() -> Result
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_bridge_with_status_0_and_closes_its_listeners() -> Result<()> {
+    let dir = temp_dir("bridge-sigterm-");
+    let relay = Relay::start(dir.path(), &["api"], &[]).await?;
+    let mut remote = Bridge::start("remote", &relay, &["-T", "api:8080"])?;
+    remote.wait_ready(Duration::from_secs(15)).await?;
+    remote.process.signal(libc::SIGTERM);
+    let status = remote.process.exited_within(Duration::from_secs(5)).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        remote.log_text()
+    );
+    // The control channel was closed, not dropped: the relay lets the listener go at once.
+    eventually(
+        "the relay sees the listener go",
+        Duration::from_secs(2),
+        || async { relay.log_text().contains("listener offline").then_some(()) },
+    )
+    .await?;
+    Ok(())
+}

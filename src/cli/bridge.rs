@@ -19,7 +19,9 @@ Expressions (azbridge's grammar; IPv6 in brackets is a kips extension):
                                             U: UDP; name defaults to the port text, e.g. 8080, 53U)
   -T relay:[name/][host:]port[U]{;...}      take <relay>'s connections, connect to host:port
                                             (relay = text before the first ':'; no host: localhost)
-  Examples: -L 0.0.0.0:15100/http;[::]:15101U/dns:api    -T api:http/localhost:8080;dns/localhost:53U
+  Examples:
+    -L 0.0.0.0:15100/http;[::]:15101U/dns:api
+    -T api:http/localhost:8080;dns/localhost:53U
 
 The connection string (-x, or AzureRelayConnectionString in -f) is trimmed of surrounding
 whitespace: a Secret value ending in a newline works (azbridge would sign with the newline

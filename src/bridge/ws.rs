@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::Mutex;
 
 pub(crate) type Io = TokioIo<Upgraded>;
-type Reader = WebSocketRead<ReadHalf<Io>>;
+type Reader = WebSocketRead<CappedRead<ReadHalf<Io>>>;
 type Writer = WebSocketWrite<WriteHalf<Io>>;
 
 /// Frames larger than this are refused (azbridge writes at most 64 KiB; control messages
@@ -30,6 +30,37 @@ type Writer = WebSocketWrite<WriteHalf<Io>>;
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// The most one read hands the frame reader: a TLS record's worth.
+const READ_CAP: usize = 16 * 1024;
+
+/// Hands at most [`READ_CAP`] bytes per read. fastwebsockets reads into all the spare room
+/// of its buffer and grows the buffer when a read fills it; a TLS stream fills whatever room
+/// it is given, so with a fast sender the buffer doubled without end (measured: megabytes
+/// per connection). Reads of a record's size keep it at a few tens of KiB.
+pub(crate) struct CappedRead<R> {
+    inner: R,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for CappedRead<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if buf.remaining() <= READ_CAP {
+            return std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let mut small = buf.take(READ_CAP);
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut small);
+        let filled = small.filled().len();
+        // SAFETY: `small` views `buf`'s unfilled part; the inner reader initialised and
+        // filled its first `filled` bytes.
+        unsafe { buf.assume_init(filled) };
+        buf.advance(filled);
+        polled
+    }
+}
 
 /// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 §4.2.2): the one computation
 /// both the client check and the relay's answer use.
@@ -82,6 +113,7 @@ pub(crate) enum Incoming {
 
 fn split(io: Io, role: Role) -> (WsReceiver, WsSender) {
     let (read, write) = tokio::io::split(io);
+    let read = CappedRead { inner: read };
     let (mut reader, writer) = fastwebsockets::after_handshake_split(read, write, role);
     reader.set_auto_close(false);
     reader.set_auto_pong(false);
@@ -319,6 +351,24 @@ pub(crate) fn upgrade_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn reads_are_capped_at_a_records_size() {
+        use tokio::io::AsyncReadExt;
+        let data = vec![5u8; 100_000];
+        let mut reader = CappedRead { inner: &data[..] };
+        let mut buffer = BytesMut::with_capacity(1 << 20);
+        let mut sizes = Vec::new();
+        loop {
+            match reader.read_buf(&mut buffer).await.unwrap() {
+                0 => break,
+                n => sizes.push(n),
+            }
+        }
+        assert_eq!(buffer.len(), data.len());
+        assert!(sizes.iter().all(|n| *n <= READ_CAP), "{sizes:?}");
+        assert_eq!(sizes[0], READ_CAP);
+    }
 
     #[test]
     fn the_accept_key_is_rfc_6455s_example() {

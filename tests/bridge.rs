@@ -815,3 +815,52 @@ async fn sigterm_stops_the_bridge_with_status_0_and_closes_its_listeners() -> Re
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_made_signature_works_until_it_expires_then_the_listener_stops() -> Result<()> {
+    use kips::bridge::Secret;
+    use kips::bridge::connection_string::Endpoint;
+    use kips::bridge::sas;
+    let dir = temp_dir("bridge-signature-");
+    let relay = Relay::start(dir.path(), &["api"], &[]).await?;
+    let endpoint = Endpoint {
+        host: "localhost".into(),
+        port: Some(relay.port),
+    };
+    let expiry = sas::unix_now() + 4;
+    let token = sas::sign(
+        &sas::resource_uri(&endpoint, "api"),
+        KEY_NAME,
+        &Secret::new(KEY),
+        expiry,
+    );
+    let connection_string = format!(
+        "Endpoint=sb://localhost:{}/;SharedAccessSignature={token}",
+        relay.port
+    );
+    let server = echo_server().await;
+    let listen = free_port();
+    let mut remote = Bridge::start_with(
+        "remote",
+        &relay,
+        &connection_string,
+        &["-T", &format!("api:echo/{server}")],
+    )?;
+    let local_bridge = Bridge::start_with(
+        "local",
+        &relay,
+        &connection_string,
+        &["-L", &format!("127.0.0.1:{listen}/echo:api")],
+    )?;
+    remote.wait_ready(Duration::from_secs(15)).await?;
+    local_bridge.wait_ready(Duration::from_secs(15)).await?;
+    assert_eq!(exchange(local(listen), b"signed").await?, b"signed");
+    // A signature cannot be renewed: at its expiry the relay closes the control channel,
+    // the reconnect is refused, and the listener stops naming the refusal.
+    let status = remote.process.exited_within(Duration::from_secs(15)).await;
+    let log = remote.log_text();
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{log}");
+    assert!(log.contains("401") && log.contains("ExpiredToken"), "{log}");
+    assert!(!log.contains(&token), "the token is logged: {log}");
+    Ok(())
+}

@@ -402,12 +402,15 @@ async fn connect(
             .lock()
             .expect("lock")
             .insert(secret.clone(), Pending { listener, answer });
+        // Removed however this ends, a sender that hangs up while waiting included.
+        let _pending = PendingGuard {
+            state,
+            secret: secret.clone(),
+        };
         if commands.send(message.to_json()).is_err() {
-            state.pending.lock().expect("lock").remove(&secret);
             continue;
         }
         let outcome = tokio::time::timeout(state.accept_timeout, answered).await;
-        state.pending.lock().expect("lock").remove(&secret);
         match outcome {
             Ok(Ok(Rendezvous::Accepted { protocol, upgrade })) => {
                 let builder = match ws::upgrade_response(request.headers(), protocol.as_ref()) {
@@ -435,6 +438,21 @@ async fn connect(
                 );
             }
         }
+    }
+}
+
+struct PendingGuard<'a> {
+    state: &'a State,
+    secret: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.state
+            .pending
+            .lock()
+            .expect("lock")
+            .remove(&self.secret);
     }
 }
 

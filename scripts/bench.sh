@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces every figure of BENCHMARKS.md: builds release, runs the criterion benches of the
 # pure core, counts allocations and instructions per admission, profiles the two servers with
-# callgrind, runs the load benchmark (kips vs the TLS ceiling) and cold start, and prints the
+# callgrind, runs the load benchmark (kips vs the TLS ceiling) and cold start, the relay
+# bridge benchmark (kips bridge -L -> kips relay -> -T beside direct TCP), and prints the
 # tables. Results also land in target/bench-results/<time>/.
 #
 #   scripts/bench.sh            full run (waits up to 30 min for a quiet machine)
@@ -65,7 +66,7 @@ section "Machine"
 } | tee -a "$OUT/summary.md"
 
 echo "building (release profile; bench targets and the kips binary)..." >&2
-BENCHES=(--bench admission --bench admission_allocations --bench admission_profile --bench load)
+BENCHES=(--bench admission --bench admission_allocations --bench admission_profile --bench load --bench bridge)
 cargo bench "${BENCHES[@]}" --no-run --quiet
 bench_exe() { # the executable of bench target $1
     cargo bench --bench "$1" --no-run --message-format=json 2>/dev/null |
@@ -170,5 +171,14 @@ load_args=(--bench --server-core "$SERVER_CORE" --client-core "$CLIENT_CORE")
 echo "load benchmark (several minutes)..." >&2
 "$LOAD_EXE" "${load_args[@]}" 2> >(tee "$OUT/load.log" >&2) | tee "$OUT/load.md"
 sed -n '/^## /,$p' "$OUT/load.md" >>"$OUT/summary.md"
+
+# --- relay bridge -----------------------------------------------------------------------------
+wait_for_quiet
+bridge_args=(--bench)
+((QUICK)) && bridge_args+=(--bytes 67108864 --streams 200 --samples 100 --runs 1)
+echo "bridge benchmark (a few minutes)..." >&2
+BRIDGE_EXE=$(bench_exe bridge)
+"$BRIDGE_EXE" "${bridge_args[@]}" 2> >(tee "$OUT/bridge.log" >&2) | tee "$OUT/bridge.md"
+sed -n '/^## /,$p' "$OUT/bridge.md" >>"$OUT/summary.md"
 
 echo -e "\nresults: $OUT/summary.md" >&2

@@ -6,9 +6,10 @@
 # by scripts/images.sh).
 #
 # Installs what the tests need on a fresh Debian machine (iptables, iproute2, runc, the CNI
-# plugins, conntrack, busybox-static and binutils from Debian; the control plane, the node and
-# helm from the Go module proxy). CI runs exactly this, with CI=true, under which no suite may
-# skip itself.
+# plugins, conntrack, busybox-static, binutils, Node and npm from Debian; the control plane,
+# the node and helm from the Go module proxy; Microsoft's hyco-ws from npm for the relay
+# bridge's interop suite). CI runs exactly this, with CI=true, under which no suite may skip
+# itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,9 @@ need busybox-static /bin/busybox
 need binutils /usr/bin/strip
 need util-linux /usr/bin/unshare /usr/bin/nsenter
 if [[ -e /bin/busybox ]] && ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
+# The relay bridge's interop suite runs Microsoft's hyco-ws (tests/interop).
+need nodejs /usr/bin/node
+need npm /usr/bin/npm
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "the tests need ${missing[*]} (Debian packages) and root to install them" >&2
@@ -58,6 +62,10 @@ wait "$node_pid" || ok=0
 KIPS_E2E_BIN_DIR=$(tail -n 1 "$built/controlplane")
 KIPS_NODE_BIN_DIR=$(tail -n 1 "$built/node")
 export KIPS_E2E_BIN_DIR KIPS_NODE_BIN_DIR
+
+step "npm packages of the bridge interop suite (hyco-ws, from tests/interop/package-lock.json)"
+# npm's cache lives under the ignored .cache/; node_modules under tests/interop/ is ignored too.
+(cd tests/interop && npm_config_cache="$PWD/../../.cache/npm" npm ci --no-audit --no-fund --prefer-offline)
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -8,7 +8,7 @@
 //! through them.
 
 mod annotations;
-mod bridge;
+pub mod bridge;
 pub mod certs;
 pub mod cli;
 pub mod dev;
@@ -17,6 +17,7 @@ pub mod inject;
 mod k8s;
 pub mod logging;
 mod manifest;
+pub mod relay;
 pub mod tls;
 pub mod webhook;
 mod workload;
@@ -38,6 +39,8 @@ pub enum Command {
     Doctor(dev::DoctorConfig),
     Expose(dev::ExposeConfig),
     Completion(cli::CompletionRequest),
+    Bridge(Box<bridge::BridgeOptions>, logging::LogFormat),
+    Relay(relay::RelayConfig, logging::LogFormat),
 }
 
 /// Runs `kips inject`.

@@ -16,7 +16,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("kips: {error:#}");
-            ExitCode::FAILURE
+            // The bridge and the relay tell a refused key or an unknown hybrid connection
+            // apart by their exit status; everything else is 1.
+            ExitCode::from(kips::bridge::exit_code(&error))
         }
     }
 }
@@ -36,6 +38,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Certs(command) => runtime()?.block_on(kips::certs::run(command)),
         Command::Doctor(config) => runtime()?.block_on(kips::dev::doctor(config)),
         Command::Expose(config) => runtime()?.block_on(kips::dev::expose(config)),
+        Command::Bridge(options, log_format) => {
+            kips::logging::init(log_format);
+            let config = options.load()?;
+            Ok(runtime()?.block_on(kips::bridge::run(config))?)
+        }
+        Command::Relay(config, log_format) => {
+            kips::logging::init(log_format);
+            Ok(runtime()?.block_on(kips::relay::run(config))?)
+        }
         Command::Completion(request) => {
             kips::cli::write_completion(&request, &mut std::io::stdout().lock());
             Ok(())

@@ -2,10 +2,12 @@
 //! the plain config structs of the module that runs it ([`Cli::into_command`]), so the rest
 //! of kips never sees a flag.
 
+mod bridge;
 mod certs;
 mod dev;
 mod initnet;
 mod inject;
+mod relay;
 mod webhook;
 
 use std::ffi::OsString;
@@ -53,6 +55,10 @@ enum CliCommand {
     Doctor(dev::DoctorArgs),
     /// A Service that exists only on this machine: a bridge-only Deployment and a Service.
     Expose(dev::ExposeArgs),
+    /// Run a relay bridge, wire-compatible with azbridge (-x, -L, -T).
+    Bridge(Box<bridge::BridgeArgs>),
+    /// Test relay, NOT for production: Azure Relay Hybrid Connections on loopback.
+    Relay(relay::RelayArgs),
     /// Print a shell completion script (bash, zsh, fish).
     #[command(
         after_help = "Examples:\n  source <(kips completion bash)\n  kips completion zsh > \"${fpath[1]}/_kips\"\n  kips completion fish > ~/.config/fish/completions/kips.fish"
@@ -61,6 +67,22 @@ enum CliCommand {
         #[arg(value_enum)]
         shell: CompletionShell,
     },
+}
+
+/// `--log-format` of the long-running commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for crate::logging::LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Text => crate::logging::LogFormat::Text,
+            LogFormatArg::Json => crate::logging::LogFormat::Json,
+        }
+    }
 }
 
 /// The shells `kips completion` writes for.
@@ -150,6 +172,14 @@ impl Cli {
             CliCommand::Certs(args) => Command::Certs(args.into_config()),
             CliCommand::Doctor(args) => Command::Doctor(args.into_config()),
             CliCommand::Expose(args) => Command::Expose(args.into_config()?),
+            CliCommand::Bridge(args) => {
+                let log_format = args.log_format.into();
+                Command::Bridge(Box::new(args.into_options()), log_format)
+            }
+            CliCommand::Relay(args) => {
+                let log_format = args.log_format.into();
+                Command::Relay(args.into_config(), log_format)
+            }
             CliCommand::Completion { shell } => Command::Completion(CompletionRequest {
                 shell,
                 bin_name: bin_name.to_owned(),

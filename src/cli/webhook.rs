@@ -6,27 +6,12 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use super::LogFormatArg;
 use super::inject::InjectArgs;
 use super::{UsageError, parse_duration};
 use crate::certs::{self, Policy, SelfManagedConfig};
-use crate::logging::LogFormat;
 use crate::tls::{self, CertFiles};
 use crate::webhook::{CertificateSource, HooksConfig, HooksMode, ServerSettings, WebhookConfig};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(super) enum LogFormatArg {
-    Text,
-    Json,
-}
-
-impl From<LogFormatArg> for LogFormat {
-    fn from(arg: LogFormatArg) -> Self {
-        match arg {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        }
-    }
-}
 
 /// Where the webhook's serving certificate comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod kips_e2e;
 pub mod node;
+pub mod process;
 pub mod webhook;
 
 /// A container's args as strings (empty when it has none).

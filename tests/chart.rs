@@ -220,6 +220,7 @@ fn default_values_render_a_hardened_self_managed_webhook() -> Result<()> {
         "--webhook-config=kips",
         "--shutdown-delay=5s",
         "--drain-timeout=15s",
+        "--bridge-engine=azbridge",
         "--bridge-image=ghcr.io/kips-dev/azbridge:0.16.1",
         "--init-image=ghcr.io/kips-dev/kips-init:0.1.0",
         "--relay-secret=kips-relay",
@@ -550,6 +551,24 @@ fn images_and_injection_settings_reach_the_webhook_flags() -> Result<()> {
         strings(&secrets_rule["resourceNames"]),
         ["team-relay", "other-relay"]
     );
+
+    // The kips engine: the sidecar runs the webhook's own image.
+    let docs = template(&[
+        "--set",
+        "injection.bridge.engine=kips,image.repository=registry.example.com/kips,image.tag=1.2.3",
+    ])?;
+    let args = args_of(&docs);
+    for expected in [
+        "--bridge-engine=kips",
+        "--bridge-image=registry.example.com/kips:1.2.3",
+    ] {
+        assert!(
+            args.iter().any(|a| a == expected),
+            "{expected} not in {args:?}"
+        );
+    }
+    let error = template_error(&["--set", "injection.bridge.engine=socat"])?;
+    assert!(error.contains("engine"), "{error}");
 
     // Without the relay Secret check, kips cannot read any Secret outside its own.
     let docs = template(&["--set", "rbac.readRelaySecrets=false"])?;

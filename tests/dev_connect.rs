@@ -552,10 +552,10 @@ fn clear_errors_and_nothing_touched() -> Result<()> {
             "{args:?} touched the hosts file"
         );
     }
-    // Without azbridge: how to get it.
+    // azbridge asked for and not installed: how to get it.
     let mut command = Command::new(KIPS);
     command
-        .args(["connect", "deploy/api", "-f"])
+        .args(["connect", "deploy/api", "--azbridge", "azbridge", "-f"])
         .arg(manifest())
         .env("KIPS_RELAY_CONNECTION_STRING", CONNECTION_STRING)
         .env("PATH", "/nonexistent")
@@ -564,6 +564,23 @@ fn clear_errors_and_nothing_touched() -> Result<()> {
     ensure!(
         stderr.contains("https://github.com/Azure/azure-relay-bridge/releases/download/v"),
         "{stderr}"
+    );
+    // Without --azbridge there is nothing to install: the built-in bridge runs.
+    let mut command = Command::new(KIPS);
+    command
+        .args(["connect", "deploy/api", "--print", "-f"])
+        .arg(manifest())
+        .arg("--hosts-file")
+        .arg(scene.path("hosts"))
+        .env("PATH", "/nonexistent")
+        .env_remove("KIPS_AZBRIDGE");
+    let (status, stdout, stderr) = run_to_end(&mut command)?;
+    ensure!(status.success(), "{stdout}{stderr}");
+    ensure!(
+        stdout.contains(
+            "kips bridge -x <redacted> -T 'api:8080/localhost:8080;metrics/localhost:9090'"
+        ),
+        "{stdout}"
     );
     Ok(())
 }

@@ -28,6 +28,9 @@ pub struct InjectionStatus {
     pub port_mode_requested: Option<String>,
     /// `container` or `native` (an init container with `restartPolicy: Always`).
     pub sidecar: String,
+    /// The relay bridge the sidecar runs: `azbridge` or `kips`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub init_containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -1,21 +1,34 @@
-//! azbridge command lines, for the in-cluster sidecar and for the laptop: both rendered from
-//! the same [routes](super::routes), so the two sides meet on every relay and binding name.
+//! The relay bridge's command lines, for the in-cluster sidecar and for the laptop: both
+//! built from the same [routes](super::routes) as [`grammar`](super::grammar) expressions, so
+//! the two sides meet on every relay and binding name, whichever engine runs on either side.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use super::routes::{RedirectRoute, ReverseRoute};
+use super::BridgeEngine;
+use super::grammar::{
+    self, Host, LocalBinding, LocalForward, Port, PortName, RemoteBinding, RemoteForward,
+};
+use super::routes::{BindingName, RedirectRoute, ReverseRoute};
 use crate::annotations::{Protocol, RelayName};
 
 /// The env var that carries the relay connection string into the sidecar (`-x $(VAR)`), and
 /// that `kips connect` reads on the laptop.
 pub const CONNECTION_STRING_ENV: &str = "KIPS_RELAY_CONNECTION_STRING";
 
-/// azbridge's port syntax: UDP ports carry a `U` suffix.
-fn port_spec(port: u16, protocol: Protocol) -> String {
+fn port(number: u16, protocol: Protocol) -> Port {
     match protocol {
-        Protocol::Tcp => port.to_string(),
-        Protocol::Udp => format!("{port}U"),
+        Protocol::Tcp => Port::tcp(number),
+        Protocol::Udp => Port::udp(number),
     }
+}
+
+fn relay(name: &RelayName) -> grammar::RelayName {
+    // Annotation relay names are a subset of azbridge's.
+    grammar::RelayName::parse(name.as_str()).expect("a kips relay name is an azbridge relay name")
+}
+
+fn name(binding: &BindingName) -> PortName {
+    PortName::parse(&binding.to_string()).expect("binding names are azbridge port names")
 }
 
 /// Groups items by relay, keeping the order in which relays first appear.
@@ -44,37 +57,84 @@ pub struct SidecarPort {
     pub listen_port: u16,
 }
 
-/// The sidecar's arguments: `-x $(VAR)`, one `-L 0.0.0.0:<listen>/<name>;...:<relay>` per
-/// relay (all bindings of a relay in one expression), one `-T <relay>:<name>/<host>:<port>`
-/// per reverse entry.
+/// The sidecar's expressions: one `-L <any>:<listen>/<name>;...:<relay>` per relay (all
+/// bindings of a relay in one expression), one `-T <relay>:<name>/<host>:<port>` per reverse
+/// entry. `<any>` is what the engine can bind: `0.0.0.0` for azbridge, `[::]` (dual-stack)
+/// for `kips bridge`.
+pub fn sidecar_forwards<'p>(
+    ports: impl IntoIterator<Item = &'p SidecarPort>,
+    reverses: &[ReverseRoute],
+    engine: BridgeEngine,
+) -> (Vec<LocalForward>, Vec<RemoteForward>) {
+    let any = Host::Ip(if engine.binds_ipv6() {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    });
+    let ports: Vec<&SidecarPort> = ports.into_iter().collect();
+    let locals = group_by_relay(ports.iter().copied(), |p| &p.route.relay)
+        .into_iter()
+        .map(|(relay_name, members)| LocalForward {
+            bindings: members
+                .iter()
+                .map(|p| LocalBinding {
+                    bind: Some(any.clone()),
+                    port: port(p.listen_port, p.route.protocol),
+                    name: Some(name(&p.route.name)),
+                })
+                .collect(),
+            relay: relay(relay_name),
+        })
+        .collect();
+    let remotes = reverses
+        .iter()
+        .map(|route| RemoteForward {
+            relay: relay(&route.reverse.relay),
+            bindings: vec![RemoteBinding {
+                name: Some(name(&route.name)),
+                host: Some(
+                    Host::parse_unbracketed(&route.reverse.host)
+                        .expect("reverse hosts are DNS names or IPv4 addresses"),
+                ),
+                port: Port::tcp(route.reverse.port),
+            }],
+        })
+        .collect();
+    (locals, remotes)
+}
+
+/// The sidecar's arguments: `-x $(VAR)` and [`sidecar_forwards`]; for `kips bridge` the
+/// subcommand first (the image's entrypoint is `kips`) and the health port last.
 pub fn sidecar_args<'p>(
     ports: impl IntoIterator<Item = &'p SidecarPort>,
     reverses: &[ReverseRoute],
+    engine: BridgeEngine,
+    health_port: Option<u16>,
 ) -> Vec<String> {
-    let mut args = vec!["-x".to_owned(), format!("$({CONNECTION_STRING_ENV})")];
-    for (relay, members) in group_by_relay(ports, |p| &p.route.relay) {
-        let bindings: Vec<String> = members
-            .iter()
-            .map(|p| {
-                format!(
-                    "0.0.0.0:{}/{}",
-                    port_spec(p.listen_port, p.route.protocol),
-                    p.route.name
-                )
-            })
-            .collect();
-        args.push("-L".into());
-        args.push(format!("{}:{relay}", bindings.join(";")));
+    let (locals, remotes) = sidecar_forwards(ports, reverses, engine);
+    let mut args = Vec::new();
+    if engine == BridgeEngine::Kips {
+        args.push("bridge".to_owned());
     }
-    for route in reverses {
-        let reverse = &route.reverse;
-        args.push("-T".into());
-        args.push(format!(
-            "{}:{}/{}:{}",
-            reverse.relay, route.name, reverse.host, reverse.port
-        ));
+    args.push("-x".to_owned());
+    args.push(format!("$({CONNECTION_STRING_ENV})"));
+    push_forwards(&mut args, &locals, &remotes);
+    if let (BridgeEngine::Kips, Some(health)) = (engine, health_port) {
+        args.push("--health-listen".to_owned());
+        args.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, health)).to_string());
     }
     args
+}
+
+fn push_forwards(args: &mut Vec<String>, locals: &[LocalForward], remotes: &[RemoteForward]) {
+    for local in locals {
+        args.push("-L".into());
+        args.push(local.to_string());
+    }
+    for remote in remotes {
+        args.push("-T".into());
+        args.push(remote.to_string());
+    }
 }
 
 /// A redirect as the laptop serves it: what arrives for its route goes to
@@ -85,7 +145,7 @@ pub struct LaptopPort {
     pub local_port: u16,
 }
 
-/// A reverse entry as the laptop serves it: azbridge listens on `address:<port>` and sends
+/// A reverse entry as the laptop serves it: the bridge listens on `address:<port>` and sends
 /// what arrives through the entry's relay to the sidecar's `-T`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaptopReverse {
@@ -93,35 +153,56 @@ pub struct LaptopReverse {
     pub address: Ipv4Addr,
 }
 
-/// The laptop's arguments (without `-x`): the mirror image of [`sidecar_args`].
+/// The laptop's expressions, the mirror image of [`sidecar_forwards`]:
 ///
 /// - per redirect relay, one `-T <relay>:<name>/localhost:<port>[;...]`; the names meet the
 ///   sidecar's `-L`.
 /// - per reverse entry, one `-L <address>:<port>/<name>:<relay>` on its own loopback
 ///   address; the name meets the sidecar's `-T`.
+pub fn laptop_forwards(
+    ports: &[LaptopPort],
+    reverses: &[LaptopReverse],
+) -> (Vec<LocalForward>, Vec<RemoteForward>) {
+    let remotes = group_by_relay(ports, |p| &p.route.relay)
+        .into_iter()
+        .map(|(relay_name, members)| RemoteForward {
+            relay: relay(relay_name),
+            bindings: members
+                .iter()
+                .map(|p| RemoteBinding {
+                    name: Some(name(&p.route.name)),
+                    host: Some(Host::Name("localhost".to_owned())),
+                    port: port(p.local_port, p.route.protocol),
+                })
+                .collect(),
+        })
+        .collect();
+    let locals = reverses
+        .iter()
+        .map(|local| LocalForward {
+            bindings: vec![LocalBinding {
+                bind: Some(Host::Ip(IpAddr::V4(local.address))),
+                port: Port::tcp(local.route.reverse.port),
+                name: Some(name(&local.route.name)),
+            }],
+            relay: relay(&local.route.reverse.relay),
+        })
+        .collect();
+    (locals, remotes)
+}
+
+/// The laptop's arguments (without the connection string): [`laptop_forwards`] as `-T`s,
+/// then `-L`s.
 pub fn laptop_args(ports: &[LaptopPort], reverses: &[LaptopReverse]) -> Vec<String> {
+    let (locals, remotes) = laptop_forwards(ports, reverses);
     let mut args = Vec::new();
-    for (relay, members) in group_by_relay(ports, |p| &p.route.relay) {
-        let bindings: Vec<String> = members
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}/localhost:{}",
-                    p.route.name,
-                    port_spec(p.local_port, p.route.protocol)
-                )
-            })
-            .collect();
+    for remote in &remotes {
         args.push("-T".into());
-        args.push(format!("{relay}:{}", bindings.join(";")));
+        args.push(remote.to_string());
     }
-    for local in reverses {
-        let reverse = &local.route.reverse;
+    for local in &locals {
         args.push("-L".into());
-        args.push(format!(
-            "{}:{}/{}:{}",
-            local.address, reverse.port, local.route.name, reverse.relay
-        ));
+        args.push(local.to_string());
     }
     args
 }
@@ -196,6 +277,8 @@ mod tests {
                 listen_port: 15100,
             }],
             std::slice::from_ref(&db),
+            BridgeEngine::Azbridge,
+            None,
         );
         let laptop = laptop_args(
             &[LaptopPort {
@@ -234,7 +317,7 @@ mod tests {
             reverse("web", "10.0.0.7", 80),
         ];
         assert_eq!(
-            sidecar_args(&ports, &reverses),
+            sidecar_args(&ports, &reverses, BridgeEngine::Azbridge, None),
             [
                 "-x",
                 "$(KIPS_RELAY_CONNECTION_STRING)",
@@ -246,6 +329,26 @@ mod tests {
                 "db:5432/postgres.data.svc:5432",
                 "-T",
                 "web:80/10.0.0.7:80",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_kips_engine_binds_dual_stack_and_serves_its_health_port() {
+        let ports = [SidecarPort {
+            route: route("api", PortRef::Number(8080), Protocol::Tcp),
+            listen_port: 15100,
+        }];
+        assert_eq!(
+            sidecar_args(&ports, &[], BridgeEngine::Kips, Some(15101)),
+            [
+                "bridge",
+                "-x",
+                "$(KIPS_RELAY_CONNECTION_STRING)",
+                "-L",
+                "[::]:15100/8080:api",
+                "--health-listen",
+                "[::]:15101",
             ]
         );
     }

@@ -245,20 +245,69 @@ pub enum BridgeEngine {
     /// relay (so it gets no probe that would send traffic through it).
     #[default]
     Azbridge,
+    /// `kips bridge`, in the kips image: binds `[::]` (dual-stack), keeps UDP across a lost
+    /// listener, and answers probes on a health port of its own.
+    Kips,
 }
 
 impl BridgeEngine {
+    /// Every engine, as `--bridge-engine` takes it.
+    pub const NAMES: [&str; 2] = ["azbridge", "kips"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BridgeEngine::Azbridge => "azbridge",
+            BridgeEngine::Kips => "kips",
+        }
+    }
+
+    /// The sidecar image kips injects unless told otherwise.
+    pub fn default_image(self) -> String {
+        match self {
+            BridgeEngine::Azbridge => {
+                format!(
+                    "ghcr.io/kips-dev/azbridge:{}",
+                    crate::inject::AZBRIDGE_VERSION
+                )
+            }
+            BridgeEngine::Kips => format!("ghcr.io/kips-dev/kips:{}", crate::inject::VERSION),
+        }
+    }
+
     /// Whether its listeners take IPv6 connections (so ip6tables may redirect to them).
     pub fn binds_ipv6(self) -> bool {
-        match self {
-            BridgeEngine::Azbridge => false,
-        }
+        self == BridgeEngine::Kips
     }
 
     /// Whether UDP forwarding survives a failed send (no listener, a stale route).
     pub fn udp_survives_failures(self) -> bool {
-        match self {
-            BridgeEngine::Azbridge => false,
+        self == BridgeEngine::Kips
+    }
+
+    /// Whether it serves a health port (`/readyz`, `/livez`) that probes may use without
+    /// opening relay connections.
+    pub fn has_health_port(self) -> bool {
+        self == BridgeEngine::Kips
+    }
+
+    /// Whether it reads the relay CA from `KIPS_RELAY_CA`.
+    pub fn reads_relay_ca(self) -> bool {
+        self == BridgeEngine::Kips
+    }
+}
+
+/// A text that names no engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("\"{0}\" is not a bridge engine (azbridge, kips)")]
+pub struct BridgeEngineError(String);
+
+impl std::str::FromStr for BridgeEngine {
+    type Err = BridgeEngineError;
+    fn from_str(text: &str) -> Result<Self, BridgeEngineError> {
+        match text {
+            "azbridge" => Ok(BridgeEngine::Azbridge),
+            "kips" => Ok(BridgeEngine::Kips),
+            other => Err(BridgeEngineError(other.to_owned())),
         }
     }
 }

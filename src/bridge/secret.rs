@@ -7,6 +7,9 @@ use k8s_openapi::ByteString;
 
 /// The Secret key that holds the Azure Relay SAS connection string.
 pub const CONNECTION_STRING_KEY: &str = "connectionString";
+/// The optional Secret key with a CA certificate (PEM) to trust for the relay's TLS beside
+/// the public roots (a private or test relay); `kips bridge` reads it.
+pub const RELAY_CA_KEY: &str = "ca.crt";
 /// The relay Secret when neither the workload nor the webhook names another.
 pub const DEFAULT_RELAY_SECRET: &str = "kips-relay";
 

@@ -52,14 +52,19 @@ pub(super) struct ConnectArgs {
     /// The hosts file that gets the names of reverse entries (restored on exit).
     #[arg(long, value_name = "PATH", default_value = "/etc/hosts")]
     hosts_file: PathBuf,
-    /// The azbridge program (default: `azbridge` on PATH).
+    /// Run this azbridge (a path, or a name on PATH) instead of the bridge built into kips.
     #[arg(long, value_name = "PATH", env = "KIPS_AZBRIDGE")]
     azbridge: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for the relay's TLS beside the public roots (a
+    /// private or test relay; also $KIPS_RELAY_CA, and the relay Secret's key ca.crt with
+    /// --connection-string-from-secret). The built-in bridge only.
+    #[arg(long, value_name = "FILE")]
+    relay_ca: Option<PathBuf>,
     /// Read the relay connection string from this Secret's key `connectionString` (default:
     /// the workload's relay Secret) instead of $KIPS_RELAY_CONNECTION_STRING.
     #[arg(long, value_name = "NAME", num_args = 0..=1, require_equals = true, default_missing_value = "")]
     connection_string_from_secret: Option<String>,
-    /// Print the azbridge command and the hosts-file lines instead of running them.
+    /// Print the bridge's command and the hosts-file lines instead of running them.
     #[arg(long)]
     print: bool,
     /// Read the workload from this manifest instead of the cluster.
@@ -89,6 +94,7 @@ impl ConnectArgs {
             port_map: self.port_map,
             hosts_file: self.hosts_file,
             azbridge: self.azbridge,
+            relay_ca: self.relay_ca,
             connection_string_from_secret: self.connection_string_from_secret,
             print: self.print,
             file: self.file,

@@ -3,18 +3,30 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 
 use super::UsageError;
 use crate::annotations::{PortMode, is_dns_subdomain};
-use crate::bridge::DEFAULT_RELAY_SECRET;
+use crate::bridge::{BridgeEngine, DEFAULT_RELAY_SECRET};
 use crate::inject::{DEFAULT_LISTEN_PORT_BASE, InjectConfig};
 use crate::manifest::InjectCommand;
 
 #[derive(Debug, Clone, Args)]
 pub(super) struct InjectArgs {
-    /// Image of the azbridge sidecar.
-    #[arg(long, env = "KIPS_BRIDGE_IMAGE", default_value_t = InjectConfig::default().bridge_image)]
-    bridge_image: String,
+    /// The relay bridge the sidecar runs: azbridge, or kips (`kips bridge` in the kips image:
+    /// dual-stack binds, probes on its health port, UDP that survives a lost listener).
+    #[arg(
+        long,
+        env = "KIPS_BRIDGE_ENGINE",
+        default_value = "azbridge",
+        value_parser = PossibleValuesParser::new(BridgeEngine::NAMES)
+            .map(|name| name.parse::<BridgeEngine>().expect("a listed engine"))
+    )]
+    bridge_engine: BridgeEngine,
+    /// Image of the relay-bridge sidecar [default: ghcr.io/kips-dev/azbridge:<azbridge
+    /// version> with --bridge-engine azbridge, ghcr.io/kips-dev/kips:<kips version> with kips].
+    #[arg(long, env = "KIPS_BRIDGE_IMAGE")]
+    bridge_image: Option<String>,
     /// Image of the `kips-init` container (the kips binary plus iptables).
     #[arg(long, env = "KIPS_INIT_IMAGE", default_value_t = InjectConfig::default().init_image)]
     init_image: String,
@@ -46,14 +58,16 @@ impl InjectArgs {
             )));
         }
         Ok(InjectConfig {
-            bridge_image: self.bridge_image,
+            bridge_image: self
+                .bridge_image
+                .unwrap_or_else(|| self.bridge_engine.default_image()),
+            bridge_engine: self.bridge_engine,
             init_image: self.init_image,
             image_pull_policy: self.image_pull_policy,
             relay_secret: self.relay_secret,
             listen_port_base: self.listen_port_base,
             native_sidecar: self.native_sidecar,
             default_port_mode: self.default_port_mode,
-            ..InjectConfig::default()
         })
     }
 }

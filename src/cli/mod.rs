@@ -40,7 +40,7 @@ enum CliCommand {
     Inject(inject::InjectCommandArgs),
     /// Install the nat rules of iptables port mode (runs as the `kips-init` container).
     InitNet(initnet::InitNetArgs),
-    /// Laptop side: run azbridge so a redirected workload's traffic reaches this machine.
+    /// Laptop side: run the relay bridge so a redirected workload's traffic reaches this machine.
     Connect(dev::ConnectArgs),
     /// Annotate a workload with `kips.io/redirect` (and optionally follow the rollout).
     Redirect(dev::RedirectArgs),

@@ -1,35 +1,33 @@
-//! `kips connect`: run azbridge on the developer's machine, the mirror image of the sidecar,
-//! and put the machine back as it was when it ends (Ctrl-C, SIGTERM, SIGHUP, or azbridge's
-//! own exit). With `--env-file` or `-- <command>`, the app container's environment is read
+//! `kips connect`: run the relay bridge on the developer's machine (built in, or azbridge:
+//! [`super::relay_bridge`]), the mirror image of the sidecar, and put the machine back as it
+//! was when it ends (Ctrl-C, SIGTERM, SIGHUP, or the bridge's own end). With `--env-file` or `-- <command>`, the app container's environment is read
 //! first, and the command runs beside the bridge: its exit ends the session
 //! ([`super::session`] holds both).
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::api::core::v1::Secret;
-use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::ConnectConfig;
 use super::hosts::{self, HostsFile};
-use super::laptop::{self, LaptopPlan, Printable};
+use super::laptop::{self, LaptopPlan};
+use super::relay_bridge::{
+    self, Credentials, Ended, Engine, Running, STOP_GRACE, exit_code, nanos,
+};
 use super::session::{self, SessionCommand};
 use crate::annotations::{InjectionStatus, STATUS};
-use crate::bridge::CONNECTION_STRING_ENV;
-use crate::bridge::{CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET};
-use crate::inject::AZBRIDGE_VERSION;
+use crate::bridge::secret::RELAY_CA_KEY;
+use crate::bridge::{
+    CONNECTION_STRING_ENV, CONNECTION_STRING_KEY, DEFAULT_RELAY_SECRET, ExtraCa, RELAY_CA_ENV,
+};
 use crate::k8s::Kube;
 use crate::workload::Workload;
-
-/// How long azbridge gets to exit after SIGTERM before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long the session command gets to end by itself after a signal reached it.
 const COMMAND_GRACE: Duration = Duration::from_secs(10);
 
@@ -82,8 +80,8 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         return Ok(());
     }
 
-    let connection_string = connection_string(&args, &object, kube.as_ref(), &namespace).await?;
-    let program = find_azbridge(args.azbridge.as_deref())?;
+    let credentials = credentials(&args, &object, kube.as_ref(), &namespace).await?;
+    let engine = Engine::of(args.azbridge.as_deref());
 
     // Signals are caught from here on, so that nothing below can be interrupted half-done.
     let mut interrupt = signal(SignalKind::interrupt()).context("catching SIGINT")?;
@@ -129,18 +127,6 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         plan_with(&BTreeSet::new())?
     };
 
-    // The connection string goes through a file only this user can read, never argv (which
-    // every user of the machine sees in `ps`); it is removed when kips connect ends.
-    let config = ConfigFile::write(&connection_string)?;
-    let mut azbridge_args = vec!["-f".to_owned(), config.path.display().to_string()];
-    azbridge_args.extend(plan.args());
-    println!(
-        "kips connect {label}: starting {}",
-        Printable {
-            program: &program.to_string_lossy(),
-            args: &azbridge_args
-        }
-    );
     for line in plan.describe() {
         println!("  {line}");
     }
@@ -158,34 +144,34 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
         }
     }
 
-    let mut child = match spawn(&program, &azbridge_args) {
-        Ok(child) => child,
+    let mut bridge = match Running::start(&engine, &plan, credentials, &label) {
+        Ok(bridge) => bridge,
         Err(error) => {
             guard.restore();
             return Err(error);
         }
     };
-    let tail = OutputTail::follow(&mut child);
     let mut command = match environment.filter(|_| !args.command.is_empty()) {
         None => None,
         Some(env) => match SessionCommand::spawn(&args.command, &env) {
             Ok(command) => Some(command),
             Err(error) => {
-                stop(&mut child).await;
+                bridge.stop().await;
                 guard.restore();
                 return Err(error);
             }
         },
     };
     let outcome = tokio::select! {
-        status = child.wait() => Outcome::Exited(status),
+        ended = bridge.ended() => Outcome::BridgeEnded(ended),
         status = wait_for(&mut command) => Outcome::CommandExited(status),
         _ = interrupt.recv() => Outcome::Signal("SIGINT", libc::SIGINT),
         _ = terminate.recv() => Outcome::Signal("SIGTERM", libc::SIGTERM),
         _ = hangup.recv() => Outcome::Signal("SIGHUP", libc::SIGHUP),
     };
+    let name = bridge.name();
     let code = match outcome {
-        Outcome::Signal(name, number) => {
+        Outcome::Signal(signal, number) => {
             let code = match command.as_mut() {
                 Some(command) => {
                     // A Ctrl-C typed at the terminal reached the command already (it is in
@@ -194,59 +180,39 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
                         command.signal(number);
                     }
                     eprintln!(
-                        "kips connect: {name}: waiting for {} to end, then stopping azbridge",
+                        "kips connect: {signal}: waiting for {} to end, then stopping {name}",
                         command.program
                     );
                     command.finish(COMMAND_GRACE).await.map_or(1, exit_code)
                 }
                 None => {
-                    eprintln!("kips connect: {name}: stopping azbridge");
+                    eprintln!("kips connect: {signal}: stopping {name}");
                     0
                 }
             };
-            stop(&mut child).await;
-            // What azbridge printed until it stopped is shown in full.
-            tail.finish().await;
+            bridge.stop().await;
             code
         }
         Outcome::CommandExited(status) => {
             let status = status.context("waiting for the command")?;
             let program = command.as_ref().map_or("", |c| c.program.as_str());
-            eprintln!("kips connect: {program} exited ({status}): stopping azbridge");
-            stop(&mut child).await;
-            tail.finish().await;
+            eprintln!("kips connect: {program} exited ({status}): stopping {name}");
+            bridge.stop().await;
             exit_code(status)
         }
-        Outcome::Exited(status) => {
+        Outcome::BridgeEnded(ended) => {
             if let Some(command) = command.as_mut() {
                 eprintln!(
-                    "kips connect: azbridge ended, so the session is over: stopping {}",
+                    "kips connect: {name} ended, so the session is over: stopping {}",
                     command.program
                 );
                 command.signal(libc::SIGTERM);
                 command.finish(STOP_GRACE).await;
             }
-            let status = status.context("waiting for azbridge")?;
-            // azbridge exits 0 whatever went wrong (a refused key, an unknown hybrid
-            // connection, a port in use): any exit kips did not ask for is a failure.
-            let code = match exit_code(status) {
-                0 => 1,
-                code => code,
-            };
-            let lines = tail.finish().await;
-            eprintln!(
-                "kips connect: azbridge exited by itself ({status}), so the connection is gone; {}",
-                if lines.is_empty() {
-                    "it printed nothing".to_owned()
-                } else {
-                    format!("its last lines:\n{}", lines.join("\n"))
-                }
-            );
-            code
+            bridge.report(ended).await
         }
     };
     guard.restore();
-    drop(config);
     if code != 0 {
         // Everything is cleaned up by now (the exit skips destructors).
         std::process::exit(code);
@@ -254,110 +220,8 @@ pub async fn run(args: ConnectConfig) -> Result<()> {
     Ok(())
 }
 
-/// A file holding azbridge's configuration (`AzureRelayConnectionString`), readable by this
-/// user alone, in a directory of its own; both removed on drop.
-struct ConfigFile {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl ConfigFile {
-    fn write(connection_string: &str) -> Result<Self> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|d| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("kips-connect-{}-{:x}", std::process::id(), nanos()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        let file = Self {
-            path: dir.join("azbridge_config.yml"),
-            dir,
-        };
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&file.path)
-            .with_context(|| format!("creating {}", file.path.display()))?;
-        out.write_all(azbridge_config(connection_string).as_bytes())
-            .with_context(|| format!("writing {}", file.path.display()))?;
-        Ok(file)
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// azbridge's YAML configuration with the connection string, single-quoted (a `'` is written
-/// twice), so that `;`, `=` and `:` stay part of the value.
-fn azbridge_config(connection_string: &str) -> String {
-    format!(
-        "AzureRelayConnectionString: '{}'\n",
-        connection_string.replace('\'', "''")
-    )
-}
-
-/// Copies the child's output to ours line by line, keeping the last lines for the message
-/// when it dies.
-struct OutputTail {
-    lines: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
-    readers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl OutputTail {
-    const KEEP: usize = 20;
-
-    fn follow(child: &mut Child) -> Self {
-        use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
-        let mut readers = Vec::new();
-        let streams: [(Option<Box<dyn AsyncRead + Send + Unpin>>, bool); 2] = [
-            (child.stdout.take().map(|s| Box::new(s) as _), false),
-            (child.stderr.take().map(|s| Box::new(s) as _), true),
-        ];
-        for (stream, to_stderr) in streams {
-            let Some(stream) = stream else { continue };
-            let keep = lines.clone();
-            readers.push(tokio::spawn(async move {
-                let mut reader = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    if to_stderr {
-                        eprintln!("{line}");
-                    } else {
-                        println!("{line}");
-                    }
-                    let mut keep = keep.lock().unwrap_or_else(|p| p.into_inner());
-                    if keep.len() == Self::KEEP {
-                        keep.pop_front();
-                    }
-                    keep.push_back(line);
-                }
-            }));
-        }
-        Self { lines, readers }
-    }
-
-    /// The last lines, once the child's output has ended (or a second has passed).
-    async fn finish(self) -> Vec<String> {
-        for reader in self.readers {
-            let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
-        }
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
-        lines.iter().cloned().collect()
-    }
-}
-
 enum Outcome {
-    Exited(std::io::Result<ExitStatus>),
+    BridgeEnded(Ended),
     CommandExited(std::io::Result<ExitStatus>),
     Signal(&'static str, libc::c_int),
 }
@@ -421,21 +285,6 @@ async fn session_environment(
     Ok(found.env)
 }
 
-fn nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
-}
-
-fn exit_code(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1)
-}
-
 /// Loads the workload from a manifest or the cluster; the client is kept for the Secret.
 async fn load(args: &ConnectConfig) -> Result<(Workload, String, Option<Kube>)> {
     if let Some(file) = &args.file {
@@ -464,13 +313,33 @@ async fn load(args: &ConnectConfig) -> Result<(Workload, String, Option<Kube>)> 
     Ok((object, kube.namespace.clone(), Some(kube)))
 }
 
-/// `$KIPS_RELAY_CONNECTION_STRING`, or the Secret with `--connection-string-from-secret`.
-async fn connection_string(
+/// The connection string (`$KIPS_RELAY_CONNECTION_STRING`, or the Secret with
+/// `--connection-string-from-secret`) and the relay CAs to trust (`--relay-ca`,
+/// `$KIPS_RELAY_CA`, the Secret's `ca.crt`).
+async fn credentials(
     args: &ConnectConfig,
     object: &Workload,
     kube: Option<&Kube>,
     namespace: &str,
-) -> Result<String> {
+) -> Result<Credentials> {
+    let mut relay_ca = Vec::new();
+    if let Some(path) = &args.relay_ca {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --relay-ca {}", path.display()))?;
+        relay_ca.push(ExtraCa {
+            origin: path.display().to_string(),
+            pem,
+        });
+    }
+    if let Some(pem) = std::env::var(RELAY_CA_ENV)
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+    {
+        relay_ca.push(ExtraCa {
+            origin: RELAY_CA_ENV.to_owned(),
+            pem,
+        });
+    }
     if let Some(name) = &args.connection_string_from_secret {
         let name = if name.is_empty() {
             object
@@ -505,100 +374,26 @@ async fn connection_string(
             .ok_or_else(|| {
                 anyhow!("Secret {name} in namespace {namespace} has no key {CONNECTION_STRING_KEY}")
             })?;
-        return Ok(value);
+        if let Some(pem) = secret.data.as_ref().and_then(|d| d.get(RELAY_CA_KEY)) {
+            relay_ca.push(ExtraCa {
+                origin: format!("Secret {name}, key {RELAY_CA_KEY}"),
+                pem: String::from_utf8_lossy(&pem.0).into_owned(),
+            });
+        }
+        return Ok(Credentials {
+            connection_string: value,
+            relay_ca,
+        });
     }
     match std::env::var(CONNECTION_STRING_ENV) {
-        Ok(value) if !value.trim().is_empty() => Ok(value.trim().to_owned()),
+        Ok(value) if !value.trim().is_empty() => Ok(Credentials {
+            connection_string: value.trim().to_owned(),
+            relay_ca,
+        }),
         _ => bail!(
             "no relay connection string: set {CONNECTION_STRING_ENV}, or pass --connection-string-from-secret (reads key {CONNECTION_STRING_KEY} of the workload's relay Secret, default {DEFAULT_RELAY_SECRET}) or --connection-string-from-secret=NAME"
         ),
     }
-}
-
-fn install_hint() -> String {
-    let version = AZBRIDGE_VERSION;
-    let rid = match (std::env::consts::OS, std::env::consts::ARCH) {
-        ("macos", "aarch64") => "osx-arm64",
-        ("macos", _) => "osx-x64",
-        (_, "aarch64") => "linux-arm64",
-        _ => "linux-x64",
-    };
-    format!(
-        "azbridge (Azure Relay Bridge) is not installed: it was not found on PATH. Download a release from https://github.com/Azure/azure-relay-bridge/releases, e.g. https://github.com/Azure/azure-relay-bridge/releases/download/v{version}/{}, unpack it, and put azbridge on PATH or pass --azbridge PATH",
-        release_asset(version, rid)
-    )
-}
-
-/// The name of azbridge's release tarball for a runtime id (`linux-x64`, `osx-arm64`, ...).
-fn release_asset(version: &str, rid: &str) -> String {
-    format!("azbridge.{version}.{rid}.tar.gz")
-}
-
-/// `--azbridge PATH`, else `azbridge` on PATH.
-fn find_azbridge(given: Option<&Path>) -> Result<PathBuf> {
-    if let Some(path) = given {
-        if is_executable(path) {
-            return Ok(path.to_owned());
-        }
-        if path.components().count() == 1
-            && let Some(found) = search_path(path.as_os_str())
-        {
-            return Ok(found);
-        }
-        bail!(
-            "--azbridge {}: no such executable. {}",
-            path.display(),
-            install_hint()
-        );
-    }
-    search_path(&OsString::from("azbridge")).ok_or_else(|| anyhow!("{}", install_hint()))
-}
-
-fn search_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn spawn(program: &Path, args: &[String]) -> Result<Child> {
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    #[cfg(target_os = "linux")]
-    unsafe {
-        // If kips itself is killed (SIGKILL), azbridge goes too.
-        command.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    command
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))
-}
-
-/// SIGTERM, then SIGKILL after the grace period.
-async fn stop(child: &mut Child) {
-    if let Some(pid) = child.id() {
-        unsafe {
-            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-        }
-        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
-            return;
-        }
-        eprintln!("kips connect: azbridge did not stop within {STOP_GRACE:?}; killing it");
-    }
-    let _ = child.kill().await;
 }
 
 /// Removes this run's hosts-file block exactly once: on the normal path, and from `Drop`
@@ -640,23 +435,20 @@ impl Drop for HostsGuard {
 }
 
 fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
-    let program = args
-        .azbridge
-        .as_ref()
-        .map_or_else(|| "azbridge".to_owned(), |p| p.display().to_string());
-    let mut azbridge_args = vec!["-f".to_owned(), "<config.yml>".to_owned()];
-    azbridge_args.extend(plan.args());
+    let engine = Engine::of(args.azbridge.as_deref());
     println!("# kips connect {label}");
     println!(
         "{}",
-        Printable {
-            program: &program,
-            args: &azbridge_args
+        relay_bridge::command_line(&engine, plan, "<config.yml>")
+    );
+    match engine {
+        Engine::BuiltIn => {
+            println!("#   run in kips connect itself; the connection string stays in its memory")
         }
-    );
-    println!(
-        "#   <config.yml>: AzureRelayConnectionString: '<connection string>' (a file only you can read; kips connect removes it when it ends)"
-    );
+        Engine::Azbridge(_) => println!(
+            "#   <config.yml>: AzureRelayConnectionString: '<connection string>' (a file only you can read; kips connect removes it when it ends)"
+        ),
+    }
     for line in plan.describe() {
         println!("#   {line}");
     }
@@ -670,46 +462,5 @@ fn print_plan(args: &ConnectConfig, label: &str, plan: &LaptopPlan) {
         for line in block.lines().filter(|l| !l.starts_with("# kips connect ")) {
             println!("{line}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_install_hint_names_the_release_asset() {
-        assert_eq!(
-            release_asset("0.16.1", "linux-x64"),
-            "azbridge.0.16.1.linux-x64.tar.gz"
-        );
-        let hint = install_hint();
-        assert!(
-            hint.contains(&format!(
-                "/releases/download/v{AZBRIDGE_VERSION}/azbridge.{AZBRIDGE_VERSION}."
-            )),
-            "{hint}"
-        );
-        assert!(!hint.contains("-rel."), "{hint}");
-    }
-
-    #[test]
-    fn the_config_file_quotes_the_connection_string() {
-        assert_eq!(
-            azbridge_config("Endpoint=sb://x/;SharedAccessKeyName=a'b;SharedAccessKey=k="),
-            "AzureRelayConnectionString: 'Endpoint=sb://x/;SharedAccessKeyName=a''b;SharedAccessKey=k='\n"
-        );
-    }
-
-    #[test]
-    fn the_config_file_is_the_users_alone_and_goes_away() {
-        use std::os::unix::fs::PermissionsExt;
-        let file = ConfigFile::write("Endpoint=sb://x/").unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&file.path), 0o600);
-        assert_eq!(mode(&file.dir), 0o700);
-        let (path, dir) = (file.path.clone(), file.dir.clone());
-        drop(file);
-        assert!(!path.exists() && !dir.exists());
     }
 }

@@ -133,10 +133,14 @@ pub struct HostsEntry {
 }
 
 impl LaptopPlan {
-    /// The bridge's arguments, without `-x`.
+    /// The bridge's arguments, without the connection string.
     pub fn args(&self) -> Vec<String> {
-        let reverses: Vec<LaptopReverse> = self.reverses.iter().map(|r| r.local.clone()).collect();
-        laptop_args(&self.ports, &reverses)
+        laptop_args(&self.ports, &self.local_reverses())
+    }
+
+    /// The reverse entries as the bridge serves them.
+    pub fn local_reverses(&self) -> Vec<LaptopReverse> {
+        self.reverses.iter().map(|r| r.local.clone()).collect()
     }
 
     pub fn hosts_entries(&self) -> Vec<HostsEntry> {
@@ -485,6 +489,7 @@ mod tests {
             port_mode: Some("named".into()),
             port_mode_requested: None,
             sidecar: "native".into(),
+            engine: None,
             init_containers: vec![],
             containers: vec![],
             redirects: vec![],

@@ -11,6 +11,7 @@ pub(crate) mod env;
 pub(crate) mod expose;
 pub(crate) mod hosts;
 pub(crate) mod laptop;
+pub(crate) mod relay_bridge;
 pub(crate) mod rollout;
 pub(crate) mod session;
 pub(crate) mod status;
@@ -45,8 +46,10 @@ pub struct ConnectConfig {
     pub port_map: Vec<PortMapping>,
     /// The hosts file that gets the names of reverse entries (restored on exit).
     pub hosts_file: PathBuf,
-    /// The azbridge program (default: `azbridge` on PATH).
+    /// Run this azbridge instead of the built-in bridge.
     pub azbridge: Option<PathBuf>,
+    /// A CA (PEM file) to trust for the relay's TLS beside the public roots.
+    pub relay_ca: Option<PathBuf>,
     /// Read the connection string from this Secret (`Some("")`: the workload's relay Secret)
     /// instead of the environment.
     pub connection_string_from_secret: Option<String>,

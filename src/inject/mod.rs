@@ -31,7 +31,7 @@ pub const AZBRIDGE_VERSION: &str = "0.16.1";
 /// What the webhook injects, from its flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectConfig {
-    /// The azbridge sidecar image.
+    /// The relay-bridge sidecar's image.
     pub bridge_image: String,
     /// The image of `kips-init` (the kips binary plus iptables).
     pub init_image: String,
@@ -50,7 +50,7 @@ pub struct InjectConfig {
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
-            bridge_image: format!("ghcr.io/kips-dev/azbridge:{AZBRIDGE_VERSION}"),
+            bridge_image: BridgeEngine::default().default_image(),
             init_image: format!("ghcr.io/kips-dev/kips-init:{VERSION}"),
             image_pull_policy: None,
             relay_secret: DEFAULT_RELAY_SECRET.to_owned(),

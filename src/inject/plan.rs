@@ -23,6 +23,8 @@ pub struct Plan {
     pub mode: Option<PortMode>,
     pub renames: Vec<Rename>,
     pub secret: String,
+    /// The sidecar's health port, for engines that serve one.
+    pub health_port: Option<u16>,
     pub warnings: Vec<String>,
 }
 
@@ -140,7 +142,11 @@ pub fn plan(
         .flat_map(|c| c.ports())
         .filter_map(|p| u16::try_from(p.container_port).ok())
         .collect();
-    let listen_ports = allocate_listen_ports(config.listen_port_base, &taken, resolved.len())?;
+    // The health port, when the engine has one, comes after the listen ports.
+    let health = usize::from(config.bridge_engine.has_health_port());
+    let mut listen_ports =
+        allocate_listen_ports(config.listen_port_base, &taken, resolved.len() + health)?;
+    let health_port = (health == 1).then(|| listen_ports.pop()).flatten();
 
     let mut renames = Vec::new();
     let mut ports = Vec::with_capacity(resolved.len());
@@ -191,6 +197,7 @@ pub fn plan(
             .relay_secret
             .clone()
             .unwrap_or_else(|| config.relay_secret.clone()),
+        health_port,
         warnings,
     })
 }

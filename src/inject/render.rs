@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector,
+    SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -19,7 +21,11 @@ use crate::annotations::{
     BRIDGE_CONTAINER, INIT_CONTAINER, InjectionStatus, PortMode, RenamedPort, STATUS,
 };
 use crate::bridge::command_line::sidecar_args;
-use crate::bridge::{CONNECTION_STRING_ENV, CONNECTION_STRING_KEY};
+use crate::bridge::secret::RELAY_CA_KEY;
+use crate::bridge::{BridgeEngine, CONNECTION_STRING_ENV, CONNECTION_STRING_KEY, RELAY_CA_ENV};
+
+/// The sidecar's health port (`kips bridge` only): `/readyz`, `/livez`, `/metrics`.
+pub const HEALTH_PORT_NAME: &str = "kips-health";
 
 /// The env var through which `kips-init` learns the node's addresses (the kubelet's probes
 /// come from there and must still reach the app).
@@ -149,6 +155,7 @@ fn status(plan: &Plan, config: &InjectConfig) -> InjectionStatus {
             "container"
         }
         .to_owned(),
+        engine: Some(config.bridge_engine.as_str().to_owned()),
         init_containers,
         containers,
         redirects: plan
@@ -184,8 +191,9 @@ fn quantities(pairs: &[(&str, &str)]) -> Option<BTreeMap<String, Quantity>> {
 }
 
 fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
+    let engine = config.bridge_engine;
     let named = plan.mode == Some(PortMode::Named);
-    let ports: Vec<ContainerPort> = plan
+    let mut ports: Vec<ContainerPort> = plan
         .ports
         .iter()
         .zip(0..)
@@ -202,6 +210,77 @@ fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
             ..Default::default()
         })
         .collect();
+    let secret_key = |key: &str, optional: bool| EnvVarSource {
+        secret_key_ref: Some(SecretKeySelector {
+            name: plan.secret.clone(),
+            key: key.to_owned(),
+            optional: Some(optional),
+        }),
+        ..Default::default()
+    };
+    let mut env = vec![EnvVar {
+        name: CONNECTION_STRING_ENV.to_owned(),
+        value_from: Some(secret_key(CONNECTION_STRING_KEY, false)),
+        ..Default::default()
+    }];
+    let (readiness_probe, liveness_probe, resources) = match (engine, plan.health_port) {
+        (BridgeEngine::Kips, Some(health)) => {
+            ports.push(ContainerPort {
+                name: Some(HEALTH_PORT_NAME.to_owned()),
+                container_port: i32::from(health),
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            });
+            // A relay that is not ours (a test or private relay) may need its CA: an optional
+            // key of the relay Secret.
+            env.push(EnvVar {
+                name: RELAY_CA_ENV.to_owned(),
+                value_from: Some(secret_key(RELAY_CA_KEY, true)),
+                ..Default::default()
+            });
+            // The health port answers from the bridge's own state: no probe opens a relay
+            // connection. Ready once the relay took the credentials (and every -T listener
+            // is online).
+            let probe = |path: &str, period: i32, failures: i32| Probe {
+                http_get: Some(HTTPGetAction {
+                    path: Some(path.to_owned()),
+                    port: IntOrString::String(HEALTH_PORT_NAME.to_owned()),
+                    ..Default::default()
+                }),
+                period_seconds: Some(period),
+                failure_threshold: Some(failures),
+                ..Default::default()
+            };
+            (
+                Some(probe("/readyz", 5, 3)),
+                Some(probe("/livez", 10, 6)),
+                ResourceRequirements {
+                    requests: quantities(&[("cpu", "10m"), ("memory", "32Mi")]),
+                    limits: quantities(&[("memory", "128Mi")]),
+                    ..Default::default()
+                },
+            )
+        }
+        _ => {
+            // .NET writes diagnostics pipes to /tmp, which is read-only here.
+            env.push(EnvVar {
+                name: "DOTNET_EnableDiagnostics".to_owned(),
+                value: Some("0".to_owned()),
+                ..Default::default()
+            });
+            // No probe on azbridge: its `-L` port is open before the relay answers, and every
+            // TCP probe of it would open a relay connection that reaches the laptop.
+            (
+                None,
+                None,
+                ResourceRequirements {
+                    requests: quantities(&[("cpu", "10m"), ("memory", "64Mi")]),
+                    limits: quantities(&[("memory", "256Mi")]),
+                    ..Default::default()
+                },
+            )
+        }
+    };
     Container {
         name: BRIDGE_CONTAINER.to_owned(),
         image: Some(config.bridge_image.clone()),
@@ -209,36 +288,14 @@ fn bridge_container(plan: &Plan, config: &InjectConfig) -> Container {
         args: Some(sidecar_args(
             plan.ports.iter().map(|p| &p.bridge),
             &plan.reverses,
+            engine,
+            plan.health_port,
         )),
-        env: Some(vec![
-            EnvVar {
-                name: CONNECTION_STRING_ENV.to_owned(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: plan.secret.clone(),
-                        key: CONNECTION_STRING_KEY.to_owned(),
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            // .NET writes diagnostics pipes to /tmp, which is read-only here.
-            EnvVar {
-                name: "DOTNET_EnableDiagnostics".to_owned(),
-                value: Some("0".to_owned()),
-                ..Default::default()
-            },
-        ]),
+        env: Some(env),
         ports: (!ports.is_empty()).then_some(ports),
-        // No probe on the bridge: azbridge's `-L` port is open before the relay answers, and
-        // every TCP probe of it would open a relay connection that reaches the laptop.
-        readiness_probe: None,
-        resources: Some(ResourceRequirements {
-            requests: quantities(&[("cpu", "10m"), ("memory", "64Mi")]),
-            limits: quantities(&[("memory", "256Mi")]),
-            ..Default::default()
-        }),
+        readiness_probe,
+        liveness_probe,
+        resources: Some(resources),
         restart_policy: config.native_sidecar.then(|| "Always".to_owned()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),

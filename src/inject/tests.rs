@@ -563,3 +563,85 @@ fn a_bare_pod_whose_default_relay_carries_a_reverse_entry_is_left_alone() {
         mutation.warnings
     );
 }
+
+#[test]
+fn the_kips_engine_binds_dual_stack_probes_its_health_port_and_redirects_ipv6() {
+    let config = InjectConfig {
+        bridge_engine: crate::bridge::BridgeEngine::Kips,
+        bridge_image: "ghcr.io/kips-dev/kips:test".into(),
+        ..config()
+    };
+    let pod = deployment_pod(json!({"kips.io/redirect": "8080,dns:dns/udp"}));
+    let mutation = mutate_pod(&pod.to_string(), &config, None).unwrap();
+    assert!(
+        mutation.warnings.iter().all(|w| !w.contains("UDP")),
+        "{:?}",
+        mutation.warnings
+    );
+    let injected = apply(&pod, &mutation);
+    let typed_pod = typed(&injected);
+    let bridge = container(&typed_pod, "kips-bridge");
+    assert_eq!(bridge.image.as_deref(), Some("ghcr.io/kips-dev/kips:test"));
+    // 15100 is the proxy's: listen ports 15101 and 15102, the health port after them.
+    assert_eq!(
+        bridge.args.as_ref().unwrap(),
+        &[
+            "bridge",
+            "-x",
+            "$(KIPS_RELAY_CONNECTION_STRING)",
+            "-L",
+            "[::]:15101/8080:api",
+            "-L",
+            "[::]:15102U/dns.udp:dns",
+            "--health-listen",
+            "[::]:15103"
+        ]
+    );
+    let readiness = bridge
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    assert_eq!(readiness.port, IntOrString::String("kips-health".into()));
+    let health = bridge
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("kips-health"))
+        .unwrap();
+    assert_eq!(health.container_port, 15103);
+    let ca = bridge
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "KIPS_RELAY_CA")
+        .unwrap();
+    let key = ca
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!((key.key.as_str(), key.optional), ("ca.crt", Some(true)));
+    assert!(
+        bridge
+            .env
+            .iter()
+            .flatten()
+            .all(|e| !e.name.starts_with("DOTNET"))
+    );
+    // The bridge listens on IPv6 too: kips-init redirects both families.
+    assert!(
+        !container(&typed_pod, "kips-init")
+            .args
+            .as_ref()
+            .unwrap()
+            .contains(&"--ipv6=false".to_owned())
+    );
+    let again = mutate_pod(&injected.to_string(), &config, None).unwrap();
+    assert!(again.patch.is_empty(), "{:?}", again.patch);
+}

@@ -16,6 +16,8 @@
 //! Azure/azure-relay-dotnet (Microsoft.Azure.Relay), Azure/azure-relay-node (hyco-ws) and the
 //! public protocol description; each module says which part it follows.
 
+#[cfg(test)]
+mod agreement;
 pub(crate) mod backoff;
 pub(crate) mod command_line;
 pub mod config_file;

@@ -21,38 +21,20 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use support::kips_e2e::{KipsWebhook, create_relay_secret, eventually, live_pods};
 use support::node::{self, Cluster, POD_GATEWAY};
+use support::scenario::{
+    KIPS, WAIT, apply, assert_ready_without_restarts, client_get, cluster_ip, deployment, find,
+    get_from_client, kips_cli, kips_inject, rollout, say, service, skip,
+};
 
 /// One cluster at a time: two nodes at once would only compete for the two cores.
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-const KIPS: &str = env!("CARGO_BIN_EXE_kips");
 const CHILD: &str = "KIPS_NODE_CHILD_FOOTPRINT";
 const CHILD_MODE: &str = "KIPS_NODE_CHILD_MODE";
-const WAIT: Duration = Duration::from_secs(120);
-
-/// A line for the run's output even when libtest captures the test's (it captures the print
-/// macros, not writes to the stderr handle): the suite's timings.
-fn say(line: String) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// True when the suite must skip (outside CI only).
-fn skip() -> bool {
-    let Some(reason) = node::skip_reason() else {
-        return false;
-    };
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{reason}; CI=true does not allow skipping the node suite"
-    );
-    say(format!("\n*** SKIPPING the node suite: {reason} ***\n"));
-    true
-}
 
 #[tokio::test]
 async fn a_node_runs_services_and_a_kips_injected_pod() -> Result<()> {
@@ -518,26 +500,6 @@ async fn expose_scenario(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// `kips <args>` to its end; its stdout, or a failure with both streams.
-async fn kips_cli(args: &[&str]) -> Result<String> {
-    let out = tokio::process::Command::new(KIPS)
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    ensure!(
-        out.status.success(),
-        "kips {args:?} failed ({}):\n{stdout}{stderr}",
-        out.status
-    );
-    Ok(stdout)
-}
-
 /// The child role (a copy of this binary): starts a node with a running pod, then fails
 /// with the cluster never dropped — only the exit-time teardown can clean up. The parent
 /// checks that nothing is left.
@@ -677,162 +639,3 @@ async fn a_killed_test_binary_is_swept_by_the_next_start() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-
-fn probe(path: &str) -> Value {
-    json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 2, "failureThreshold": 3})
-}
-
-/// `replicas` pods of `image` (testapp serve on 8080) with readiness and liveness probes.
-fn deployment(name: &str, replicas: i32, image: &str, annotations: Value) -> Value {
-    json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": image, "imagePullPolicy": "Never",
-                        "ports": [{"name": "http", "containerPort": 8080}],
-                        "readinessProbe": probe("/healthz"),
-                        "livenessProbe": probe("/healthz"),
-                    }]
-                }
-            }
-        }
-    })
-}
-
-fn service(app: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": app},
-        "spec": {"selector": {"app": app}, "ports": [{"port": 80, "targetPort": 8080}]}
-    })
-}
-
-async fn apply(cluster: &Cluster, ns: &str, objects: &[Value]) -> Result<()> {
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
-    cluster
-        .kubectl_with_input(&["-n", ns, "apply", "-f", "-"], &list.to_string())
-        .await?;
-    Ok(())
-}
-
-async fn rollout(cluster: &Cluster, ns: &str, name: &str) -> Result<()> {
-    let deployment = format!("deployment/{name}");
-    if let Err(e) = cluster
-        .kubectl(&["-n", ns, "rollout", "status", &deployment, "--timeout=120s"])
-        .await
-    {
-        let pods = cluster
-            .kubectl(&["-n", ns, "describe", "pods"])
-            .await
-            .unwrap_or_default();
-        bail!("{e:#}\n{pods}");
-    }
-    Ok(())
-}
-
-async fn cluster_ip(cluster: &Cluster, ns: &str, service: &str) -> Result<String> {
-    let ip = cluster
-        .kubectl(&[
-            "-n",
-            ns,
-            "get",
-            "service",
-            service,
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ])
-        .await?;
-    ensure!(ip.starts_with("10.0.0."), "ClusterIP of {service}: {ip:?}");
-    Ok(ip)
-}
-
-/// `testapp get <url>` in the client pod, trimmed.
-async fn client_get(cluster: &Cluster, ns: &str, url: &str) -> Result<String> {
-    Ok(cluster
-        .kubectl(&["-n", ns, "exec", "client", "--", "testapp", "get", url])
-        .await?
-        .trim()
-        .to_owned())
-}
-
-/// [`client_get`] until it answers (kube-proxy programs a new Service within seconds).
-async fn get_from_client(cluster: &Cluster, ns: &str, url: &str) -> Result<String> {
-    eventually(
-        &format!("the client pod to get {url}"),
-        WAIT,
-        || async move { Ok(client_get(cluster, ns, url).await.ok()) },
-    )
-    .await
-}
-
-async fn kips_inject(manifest: &str, bridge_image: &str) -> Result<String> {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(KIPS)
-        .args([
-            "inject",
-            "-f",
-            "-",
-            "--bridge-image",
-            bridge_image,
-            "--image-pull-policy",
-            "Never",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(manifest.as_bytes()).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    ensure!(
-        out.status.success(),
-        "kips inject failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-fn find<'s>(statuses: &'s [ContainerStatus], name: &str) -> Result<&'s ContainerStatus> {
-    statuses
-        .iter()
-        .find(|s| s.name == name)
-        .with_context(|| format!("no status of container {name}"))
-}
-
-fn assert_ready_without_restarts(pod: &Pod) -> Result<()> {
-    let status = pod.status.as_ref().context("pod without status")?;
-    let ready = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    ensure!(
-        ready,
-        "pod {} is not Ready: {:?}",
-        pod.name_any(),
-        status.conditions
-    );
-    for s in status
-        .container_statuses
-        .iter()
-        .flatten()
-        .chain(status.init_container_statuses.iter().flatten())
-    {
-        ensure!(
-            s.restart_count == 0,
-            "container {} of {} restarted {} times",
-            s.name,
-            pod.name_any(),
-            s.restart_count
-        );
-    }
-    Ok(())
-}

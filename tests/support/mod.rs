@@ -3,8 +3,10 @@
 
 pub mod control_plane;
 pub mod kips_e2e;
+pub mod laptop;
 pub mod node;
 pub mod process;
+pub mod scenario;
 pub mod webhook;
 
 /// A container's args as strings (empty when it has none).

@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use support::kips_e2e::{KipsWebhook, create_relay_secret, eventually, live_pods};
-use support::node::{self, Cluster, POD_GATEWAY};
+use support::node::{self, Cluster};
 use support::scenario::{
     KIPS, WAIT, apply, assert_ready_without_restarts, client_get, cluster_ip, deployment, find,
     get_from_client, kips_cli, kips_inject, rollout, say, service, skip,
@@ -111,6 +111,12 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     ensure!(
         first.starts_with("cluster app-"),
         "Service app answered {first:?}"
+    );
+    // The host reaches a ClusterIP as the API server reaches a webhook's Service.
+    let from_host = http_get_from_host(&app_ip).await?;
+    ensure!(
+        from_host.contains("cluster app-"),
+        "from the host, Service app answered {from_host:?}"
     );
     // kube-proxy balances across both replicas (all 20 on one: p = 2^-19).
     let mut answered = BTreeSet::new();
@@ -248,23 +254,28 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let app_log = cluster
         .kubectl(&["-n", n, "logs", &pod_name, "-c", "app"])
         .await?;
+    let gateway = cluster.pod_gateway();
+    let pods_prefix = format!("GET / from {}.", {
+        let [a, b, c, _] = gateway.octets();
+        format!("{a}.{b}.{c}")
+    });
     let probes = app_log
         .lines()
-        .filter(|l| l.contains(&format!("GET /healthz from {POD_GATEWAY}:")))
+        .filter(|l| l.contains(&format!("GET /healthz from {gateway}:")))
         .count();
     ensure!(
         probes >= 5,
-        "the app saw {probes} probes from {POD_GATEWAY}:\n{app_log}"
+        "the app saw {probes} probes from {gateway}:\n{app_log}"
     );
     ensure!(
-        !app_log.contains("GET / from 10.244.0."),
+        !app_log.contains(&pods_prefix),
         "Service traffic reached the app instead of the sidecar:\n{app_log}"
     );
     let bridge_log = cluster
         .kubectl(&["-n", n, "logs", &pod_name, "-c", "kips-bridge"])
         .await?;
     ensure!(
-        bridge_log.contains("GET / from 10.244.0."),
+        bridge_log.contains(&pods_prefix),
         "the sidecar saw no Service traffic:\n{bridge_log}"
     );
     ensure!(
@@ -639,3 +650,19 @@ async fn a_killed_test_binary_is_swept_by_the_next_start() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
+
+/// `GET /` on `<ip>:80` from the test process (the host netns), the whole response.
+async fn http_get_from_host(ip: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((ip, 80)),
+    )
+    .await??;
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await??;
+    Ok(response)
+}

@@ -81,6 +81,8 @@ pub struct Options {
     pub apiserver_sans: Vec<String>,
     /// Extra flags of kube-apiserver.
     pub apiserver_args: Vec<String>,
+    /// `--service-cluster-ip-range` (default: [`SERVICE_CIDR`]).
+    pub service_cidr: Option<String>,
     /// The controller-manager's `--controllers` (default: [`CONTROLLERS`]).
     pub controllers: Option<Vec<String>>,
     /// Client certificates signed by the cluster CA, written as `<file>.crt`/`<file>.key` in
@@ -216,7 +218,10 @@ impl ControlPlane {
             format!("--service-account-signing-key-file={}", d("sa.key")),
             format!("--service-account-issuer={SA_ISSUER}"),
             "--authorization-mode=Node,RBAC".into(),
-            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!(
+                "--service-cluster-ip-range={}",
+                options.service_cidr.as_deref().unwrap_or(SERVICE_CIDR)
+            ),
             // Default admission plugins already include ServiceAccount, PodSecurity,
             // MutatingAdmissionWebhook and ValidatingAdmissionWebhook.
             "--allow-privileged=true".into(),

@@ -21,18 +21,20 @@
 //! |---|---|---|
 //! | host netns | `10.213.N.1/24` on veth `kn<pid>-<k>` | [`Cluster::host_address`]: host processes bind here and pods reach them (the "laptop" side, e.g. a test relay); also the node's way to the API server (`:6443`, forwarded to loopback) |
 //! | node netns `kips-node-<pid>-<k>` | `10.213.N.2/24` on `eth0` | [`Cluster::node_ip`]: the node's InternalIP, kubelet `:10250` (the API server dials it for exec/logs) |
-//! | node netns | `10.244.0.1/24` on bridge `cni0` | pods' gateway; the kubelet's probes come from here |
-//! | pods | `10.244.0.0/24` ([`POD_CIDR`]) | CNI bridge + host-local, default route via `10.244.0.1` |
-//! | Services | `10.0.0.0/24` ([`control_plane::SERVICE_CIDR`]) | ClusterIPs, kube-proxy's iptables rules in the node netns |
+//! | node netns | `10.244.N.1/24` on bridge `cni0` | [`Cluster::pod_gateway`]: pods' gateway; the kubelet's probes come from here |
+//! | pods | `10.244.N.0/24` | CNI bridge + host-local, default route via `10.244.N.1` |
+//! | Services | `10.96.N.0/24` | ClusterIPs (the API server's `--service-cluster-ip-range`), kube-proxy's iptables rules in the node netns |
 //! | API server | `127.0.0.1:<port>` | for the test process, kubectl and helm ([`Cluster::kubeconfig`]) |
 //!
-//! Routes in the node netns: `10.213.N.0/24 dev eth0`, `10.244.0.0/24 dev cni0`, and
-//! `10.0.0.0/24 dev cni0` (locally sent packets to a ClusterIP need a route before kube-proxy's
+//! Routes in the node netns: `10.213.N.0/24 dev eth0`, `10.244.N.0/24 dev cni0`, and
+//! `10.96.N.0/24 dev cni0` (locally sent packets to a ClusterIP need a route before kube-proxy's
 //! DNAT). There is no default route: nothing the node or a pod sends can reach any address but
 //! the host address and these namespaces. Forwarding and masquerade (the CNI bridge's
 //! `ipMasq`: pods reach the host address as `10.213.N.2`) are switched on in the node netns
-//! only. The host netns gets nothing but the veth and its connected route: no forwarding, no
-//! route to pods or Services, no iptables rule.
+//! only. The host netns gets the veth, its connected route and routes to the pods' and the
+//! Services' ranges via the node (the API server reaches a webhook Service, a pod proxy, as in
+//! a real cluster): no forwarding, no iptables rule. Ranges are per `N`, so clusters running
+//! side by side never share a route.
 //!
 //! # Processes, mounts, cleanup
 //!
@@ -81,15 +83,11 @@ use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 
 use super::control_plane::{
-    self, ClientCert, ControlPlane, Options, kubeconfig_for, spawn_tied_to_process,
+    ClientCert, ControlPlane, Options, kubeconfig_for, spawn_tied_to_process,
 };
 
 /// The node's name (kubelet `--hostname-override`, its certificate's `system:node:<name>`).
 pub const NODE_NAME: &str = "kips-node";
-/// Pods' addresses (CNI host-local range, kube-proxy's `clusterCIDR`).
-pub const POD_CIDR: &str = "10.244.0.0/24";
-/// The pods' gateway on the node's bridge: where the kubelet's probes come from.
-pub const POD_GATEWAY: &str = "10.244.0.1";
 /// The port on [`Cluster::host_address`] that forwards to the API server (for the node).
 pub const API_PORT_ON_HOST_ADDRESS: u16 = 6443;
 const TAG_PREFIX: &str = "kips-node-";
@@ -249,7 +247,11 @@ impl Cluster {
             organisations: orgs.iter().map(|o| (*o).to_owned()).collect(),
         };
         let cp = ControlPlane::start_with(&Options {
-            apiserver_sans: vec![host.to_string()],
+            apiserver_sans: vec![
+                host.to_string(),
+                kubernetes_service_ip(fp.subnet).to_string(),
+            ],
+            service_cidr: Some(service_cidr(fp.subnet)),
             apiserver_args: vec![
                 // The API server dials kubelets by node name through the machine's
                 // resolver otherwise, which must not (and cannot) see this node.
@@ -279,6 +281,7 @@ impl Cluster {
             SocketAddr::from((host, API_PORT_ON_HOST_ADDRESS)),
             SocketAddr::from(([127, 0, 0, 1], api_port)),
         )?);
+        publish_kubernetes_endpoints(&cluster.client()?, host).await?;
 
         let dir = fp.dir.clone();
         let node_server = format!("https://{host}:{API_PORT_ON_HOST_ADDRESS}");
@@ -396,6 +399,11 @@ impl Cluster {
     /// The node's InternalIP (`10.213.N.2`, in the node netns).
     pub fn node_ip(&self) -> Ipv4Addr {
         node_ip(self.footprint.subnet)
+    }
+
+    /// The pods' gateway (`10.244.N.1`): where the kubelet's probes come from.
+    pub fn pod_gateway(&self) -> Ipv4Addr {
+        pod_gateway(self.footprint.subnet)
     }
 
     /// Names of the imported images.
@@ -644,7 +652,10 @@ disabled_plugins = [
                     "hairpinMode": true,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GATEWAY}]],
+                        "ranges": [[{
+                            "subnet": pod_cidr(self.footprint.subnet),
+                            "gateway": pod_gateway(self.footprint.subnet).to_string(),
+                        }]],
                         "routes": [{"dst": "0.0.0.0/0"}]
                     }
                 },
@@ -716,7 +727,7 @@ mode: iptables
 clientConnection:
   kubeconfig: {kubeconfig}
 hostnameOverride: {NODE_NAME}
-clusterCIDR: {POD_CIDR}
+clusterCIDR: {pod_cidr}
 detectLocalMode: ClusterCIDR
 # Global conntrack sysctls are not the test's to change.
 conntrack:
@@ -729,6 +740,7 @@ healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 "#,
             kubeconfig = d("kube-proxy.kubeconfig"),
+            pod_cidr = pod_cidr(self.footprint.subnet),
         );
         fs::write(dir.join("kube-proxy.yaml"), proxy)?;
         Ok(())
@@ -955,6 +967,52 @@ fn node_ip(subnet: u8) -> Ipv4Addr {
     Ipv4Addr::new(SUBNET_PREFIX[0], SUBNET_PREFIX[1], subnet, 2)
 }
 
+/// Pods' addresses (CNI host-local range, kube-proxy's `clusterCIDR`): `10.244.N.0/24`, so
+/// that clusters running side by side never share a route on the host.
+fn pod_cidr(subnet: u8) -> String {
+    format!("10.244.{subnet}.0/24")
+}
+
+/// The pods' gateway on the node's bridge: where the kubelet's probes come from.
+fn pod_gateway(subnet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, subnet, 1)
+}
+
+/// The `kubernetes` Service's ClusterIP: the first address of [`service_cidr`].
+fn kubernetes_service_ip(subnet: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, subnet, 1)
+}
+
+/// Pods reach the API server as in-cluster clients do (`kubernetes.default`, the
+/// `KUBERNETES_SERVICE_*` variables): the API server publishes no endpoints of its own here
+/// (`--endpoint-reconciler-type=none`, it listens on loopback), so the `kubernetes` Service
+/// gets an EndpointSlice naming the forwarder on the host address.
+async fn publish_kubernetes_endpoints(client: &Client, host: Ipv4Addr) -> Result<()> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": "kubernetes",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "kips-node-suite"
+            }
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [host.to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": API_PORT_ON_HOST_ADDRESS, "protocol": "TCP"}]
+    }))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .create(&Default::default(), &slice)
+        .await
+        .context("publishing the kubernetes Service's endpoints")?;
+    Ok(())
+}
+
+/// ClusterIPs (the API server's `--service-cluster-ip-range`): `10.96.N.0/24`.
+fn service_cidr(subnet: u8) -> String {
+    format!("10.96.{subnet}.0/24")
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -1123,7 +1181,9 @@ fn create_network() -> Result<Footprint> {
     let setup = || -> Result<u64> {
         let host = format!("{}/24", host_address(subnet));
         let node = format!("{}/24", node_ip(subnet));
-        let gateway = format!("{POD_GATEWAY}/24");
+        let gateway = format!("{}/24", pod_gateway(subnet));
+        let (pods, services) = (pod_cidr(subnet), service_cidr(subnet));
+        let via = node_ip(subnet).to_string();
         let n = tag.as_str();
         run("ip", &["netns", "add", n])?;
         let inode = fs::metadata(format!("/run/netns/{n}"))?.ino();
@@ -1150,18 +1210,23 @@ fn create_network() -> Result<Footprint> {
         run("ip", &["-n", n, "link", "add", "cni0", "type", "bridge"])?;
         run("ip", &["-n", n, "addr", "add", &gateway, "dev", "cni0"])?;
         run("ip", &["-n", n, "link", "set", "cni0", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                n,
-                "route",
-                "add",
-                control_plane::SERVICE_CIDR,
-                "dev",
-                "cni0",
-            ],
-        )?;
+        run("ip", &["-n", n, "route", "add", &services, "dev", "cni0"])?;
+        // The API server reaches pods (webhooks, pod proxy) and ClusterIPs through the node,
+        // as in a real cluster; the routes go with the veth.
+        for range in [&pods, &services] {
+            run(
+                "ip",
+                &[
+                    "route",
+                    "add",
+                    range,
+                    "via",
+                    &via,
+                    "dev",
+                    &footprint.host_veth,
+                ],
+            )?;
+        }
         run(
             "ip",
             &[

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use super::kips_e2e::eventually;
+use super::kips_e2e::{eventually, live_pods};
 use super::node::{self, Cluster};
 
 pub const KIPS: &str = env!("CARGO_BIN_EXE_kips");
@@ -110,7 +110,53 @@ pub async fn rollout(cluster: &Cluster, ns: &str, name: &str) -> Result<()> {
             .unwrap_or_default();
         bail!("{e:#}\n{pods}");
     }
-    Ok(())
+    forwarding_settled(cluster, ns, name).await
+}
+
+/// Waits until kube-proxy's rules for Service `name` (if there is one) forward to exactly the
+/// live pods labelled `app=<name>`: a rollout's end is not the end of kube-proxy's sync, and a
+/// request to a just-removed pod's address hangs.
+pub async fn forwarding_settled(cluster: &Cluster, ns: &str, name: &str) -> Result<()> {
+    use std::collections::BTreeSet;
+    let client = cluster.client()?;
+    let services = kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns);
+    if services.get_opt(name).await?.is_none() {
+        return Ok(());
+    }
+    let comment = format!("--comment \"{ns}/{name}");
+    let tag = cluster.footprint().tag.clone();
+    eventually(
+        &format!("kube-proxy to forward {ns}/{name} to its live pods only"),
+        WAIT,
+        || {
+            let (client, comment, tag) = (client.clone(), comment.clone(), tag.clone());
+            async move {
+                let pods = live_pods(&client, ns, &format!("app={name}")).await?;
+                let want: BTreeSet<String> = pods
+                    .iter()
+                    .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                    .collect();
+                let mut have = BTreeSet::new();
+                for save in ["iptables-nft-save", "iptables-legacy-save"] {
+                    let out = tokio::process::Command::new("ip")
+                        .args(["netns", "exec", &tag, save, "-t", "nat"])
+                        .output()
+                        .await?;
+                    let rules = String::from_utf8_lossy(&out.stdout);
+                    have.extend(
+                        rules
+                            .lines()
+                            .filter(|l| l.contains(&comment))
+                            .filter_map(|l| l.split("--to-destination ").nth(1))
+                            .filter_map(|d| d.split(':').next())
+                            .map(str::to_owned),
+                    );
+                }
+                Ok((!want.is_empty() && have == want).then_some(()))
+            }
+        },
+    )
+    .await
 }
 
 pub async fn cluster_ip(cluster: &Cluster, ns: &str, service: &str) -> Result<String> {
@@ -125,7 +171,7 @@ pub async fn cluster_ip(cluster: &Cluster, ns: &str, service: &str) -> Result<St
             "jsonpath={.spec.clusterIP}",
         ])
         .await?;
-    ensure!(ip.starts_with("10.0.0."), "ClusterIP of {service}: {ip:?}");
+    ensure!(ip.starts_with("10.96."), "ClusterIP of {service}: {ip:?}");
     Ok(ip)
 }
 

@@ -229,6 +229,33 @@ spec:
         );
     }
 
+    /// Fuzz finding (target `inject_yaml`, seeded from tests/fixtures/dev/workloads.yaml):
+    /// `kips inject` refused its own output for a template annotated in named mode ("no
+    /// container declares a port named \"http\""), since it had renamed that port.
+    #[test]
+    fn its_own_output_is_printed_again_unchanged_in_named_mode() {
+        let input = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {kips.io/redirect: http}
+    spec:
+      containers:
+      - name: web
+        image: web:1
+        ports: [{name: http, containerPort: 3000}]
+";
+        let config = InjectConfig::default();
+        let once = inject_manifests(input, &config).unwrap().text;
+        assert!(once.contains("kips-app-3000"), "{once}");
+        let twice = inject_manifests(&once, &config).unwrap().text;
+        assert_eq!(twice, once);
+    }
+
     #[test]
     fn an_invalid_document_fails_the_whole_run_naming_it() {
         let input = DEPLOYMENT.replace("\"8080\"", "\"api:80x0\"");

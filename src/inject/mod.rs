@@ -143,7 +143,8 @@ pub fn mutate_pod_view(
     Ok(inject_fresh(pod, config, relay_hint))
 }
 
-fn carries_injection(pod: &PodView) -> bool {
+/// Whether kips injected `pod` before (its status annotation, or one of its containers).
+pub(crate) fn carries_injection(pod: &PodView) -> bool {
     pod.metadata.annotation(STATUS).is_some()
         || pod
             .spec

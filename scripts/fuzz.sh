@@ -116,7 +116,7 @@ for target in "${targets[@]}"; do
     touch "logs/.$target.start"
     status=0
     "${pin[@]}" cargo "+$toolchain" fuzz run -O "$target" "corpus/$target" "${seeds[@]}" -- "${options[@]}" >"$log" 2>&1 || status=$?
-    final_stat() { grep -oP "(?<=^stat::$1: )[0-9]+" "$log" | tail -1 || echo "?"; }
+    final_stat() { grep -oP "^stat::$1:\s+\K[0-9]+" "$log" | tail -1 || echo "?"; }
     runs=$(final_stat number_of_executed_units)
     rate=$(final_stat average_exec_per_sec)
     added=$(final_stat new_units_added)

@@ -100,7 +100,7 @@ summary=logs/summary.md
 {
     echo "# kips fuzz run $(date -u +%FT%TZ), ${seconds} s per target, $(git -C "$root" rev-parse --short HEAD)"
     echo
-    echo "| target | seconds | executions | exec/s | corpus units | new units | peak RSS MB | findings |"
+    echo "| target | seconds run | executions | exec/s | corpus units | new units | peak RSS MB | findings |"
     echo "|---|---:|---:|---:|---:|---:|---:|---|"
 } >"$summary"
 for target in "${targets[@]}"; do
@@ -114,6 +114,7 @@ for target in "${targets[@]}"; do
     echo "fuzzing $target for ${seconds}s (log: fuzz/$log)..." >&2
     before=$(find "artifacts/$target" -type f | wc -l)
     touch "logs/.$target.start"
+    started=$SECONDS
     status=0
     "${pin[@]}" cargo "+$toolchain" fuzz run -O "$target" "corpus/$target" "${seeds[@]}" -- "${options[@]}" >"$log" 2>&1 || status=$?
     final_stat() { grep -oP "^stat::$1:\s+\K[0-9]+" "$log" | tail -1 || echo "?"; }
@@ -129,7 +130,7 @@ for target in "${targets[@]}"; do
         [[ -n $findings ]] || findings="exit $status, see fuzz/$log"
         grep -m3 -E "panicked at|ERROR: libFuzzer|SUMMARY" "$log" >&2 || true
     fi
-    echo "| $target | $seconds | $runs | $rate | $units | $added | $rss | ${findings:-none} |" >>"$summary"
+    echo "| $target | $((SECONDS - started)) | $runs | $rate | $units | $added | $rss | ${findings:-none} |" >>"$summary"
 done
 cat "$summary"
 echo "summary: fuzz/$summary" >&2

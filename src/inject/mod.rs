@@ -174,6 +174,11 @@ fn inject_fresh(pod: &PodView, config: &InjectConfig, relay_hint: Option<&str>) 
             "it uses hostNetwork; kips never rewrites the node's network or ports".into(),
         );
     }
+    // No spec at all (the API server's validation refuses the pod anyway): a patch under
+    // `/spec` could not apply, and would hide that message behind a failed webhook.
+    if pod.spec.containers.is_empty() {
+        return skipped("it has no containers (spec.containers is missing or empty)".into());
+    }
     // The default relay is the workload's name, worked out only when a redirect needs it.
     let derived = (relay_hint.is_none() && annotations.redirects.iter().any(|r| r.relay.is_none()))
         .then(|| plan::workload_name(&pod.metadata))

@@ -112,7 +112,9 @@ fn inject_object(
     let kind = value["kind"].as_str().unwrap_or_default().to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            for item in value["items"].as_array_mut().into_iter().flatten() {
+            // `get_mut`: indexing would add `items: null` to a List without items.
+            let items = value.get_mut("items").and_then(Value::as_array_mut);
+            for item in items.into_iter().flatten() {
                 let item_label = format!("{label} item {}", describe(item, 0));
                 inject_object(item, config, warnings, &item_label)?;
             }
@@ -171,6 +173,13 @@ spec:
         image: api:1
         ports: [{containerPort: 8080}]
 ";
+
+    #[test]
+    fn a_list_without_items_passes_through_byte_for_byte() {
+        let input = "apiVersion: v1\nkind: List\nmetadata: {}\n";
+        let rendered = inject_manifests(input, &InjectConfig::default()).unwrap();
+        assert_eq!(rendered.text, input);
+    }
 
     #[test]
     fn documents_split_at_separator_lines_only() {

@@ -110,6 +110,24 @@ fn a_pod_without_containers_is_skipped_not_patched() {
     }
 }
 
+/// Fuzz finding (target `review`): re-admitting a pod that carries `kips.io/status` but no
+/// container lists added `"containers": null` and `"initContainers": null` (JSON indexing
+/// inserts what it does not find), and kips could not read its own result.
+#[test]
+fn re_admitting_a_pod_without_container_lists_adds_no_null_lists() {
+    let mut pod = deployment_pod(json!({"kips.io/redirect": "8080"}));
+    pod["spec"] = json!({"restartPolicy": "Always"});
+    pod["metadata"]["annotations"]["kips.io/status"] = json!("{}");
+    let mutation = admit(&pod);
+    let result = apply(&pod, &mutation);
+    assert_eq!(
+        result["spec"],
+        json!({"restartPolicy": "Always"}),
+        "{result}"
+    );
+    assert!(admit(&result).patch.is_empty());
+}
+
 #[test]
 fn iptables_mode_injects_init_container_and_native_sidecar() {
     let pod =

@@ -5,8 +5,10 @@
 # bridge benchmark (kips bridge -L -> kips relay -> -T beside direct TCP), and prints the
 # tables. Results also land in target/bench-results/<time>/.
 #
-#   scripts/bench.sh            full run (waits up to 30 min for a quiet machine)
+#   scripts/bench.sh            full run (waits up to 30 min for a quiet machine), soak included
 #   scripts/bench.sh --quick    short smoke run (not for publishing)
+#   scripts/bench.sh --soak     the soak alone: 10 minutes at 5,000 req/s of mixed pods and
+#                               workloads over HTTP/2, certificate files rotated every minute
 #   BENCH_NO_WAIT=1 scripts/bench.sh   do not wait for a quiet machine
 #
 # Needs: cargo, python3, valgrind (callgrind), taskset (util-linux). 2+ cores: the servers
@@ -15,7 +17,13 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 QUICK=0
-[[ "${1:-}" == "--quick" ]] && QUICK=1
+SOAK_ONLY=0
+case "${1:-}" in
+--quick) QUICK=1 ;;
+--soak) SOAK_ONLY=1 ;;
+"") ;;
+*) echo "usage: scripts/bench.sh [--quick | --soak]" >&2; exit 2 ;;
+esac
 SERVER_CORE=0
 CLIENT_CORE=1
 OUT="target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -79,6 +87,21 @@ for line in sys.stdin:
 PROFILE_EXE=$(bench_exe admission_profile)
 LOAD_EXE=$(bench_exe load)
 KIPS_EXE=target/release/kips
+
+# --- soak: kips webhook for minutes at a fixed rate, certificates rotating -------------------
+soak() {
+    wait_for_quiet
+    local soak_args=(--bench --soak --server-core "$SERVER_CORE" --client-core "$CLIENT_CORE")
+    ((QUICK)) && soak_args+=(--soak-duration 20 --rotate-every 5 --recycle-every 3 --soak-window 5 --warmup 1)
+    echo "soak ($( ((QUICK)) && echo 20 s || echo 10 minutes))..." >&2
+    "$LOAD_EXE" "${soak_args[@]}" 2> >(tee "$OUT/soak.log" >&2) | tee "$OUT/soak.md"
+    sed -n '/^## /,$p' "$OUT/soak.md" >>"$OUT/summary.md"
+}
+if ((SOAK_ONLY)); then
+    soak
+    echo -e "\nresults: $OUT/summary.md" >&2
+    exit 0
+fi
 
 # --- pure core -----------------------------------------------------------------------------
 wait_for_quiet
@@ -180,5 +203,7 @@ echo "bridge benchmark (a few minutes)..." >&2
 BRIDGE_EXE=$(bench_exe bridge)
 "$BRIDGE_EXE" "${bridge_args[@]}" 2> >(tee "$OUT/bridge.log" >&2) | tee "$OUT/bridge.md"
 sed -n '/^## /,$p' "$OUT/bridge.md" >>"$OUT/summary.md"
+
+soak
 
 echo -e "\nresults: $OUT/summary.md" >&2

@@ -12,6 +12,8 @@ pub mod bridge;
 pub mod certs;
 pub mod cli;
 pub mod dev;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod initnet;
 pub mod inject;
 mod k8s;

@@ -112,7 +112,9 @@ fn inject_object(
     let kind = value["kind"].as_str().unwrap_or_default().to_owned();
     match (api_version.as_str(), kind.as_str()) {
         ("v1", "List") => {
-            for item in value["items"].as_array_mut().into_iter().flatten() {
+            // `get_mut`: indexing would add `items: null` to a List without items.
+            let items = value.get_mut("items").and_then(Value::as_array_mut);
+            for item in items.into_iter().flatten() {
                 let item_label = format!("{label} item {}", describe(item, 0));
                 inject_object(item, config, warnings, &item_label)?;
             }
@@ -173,6 +175,13 @@ spec:
 ";
 
     #[test]
+    fn a_list_without_items_passes_through_byte_for_byte() {
+        let input = "apiVersion: v1\nkind: List\nmetadata: {}\n";
+        let rendered = inject_manifests(input, &InjectConfig::default()).unwrap();
+        assert_eq!(rendered.text, input);
+    }
+
+    #[test]
     fn documents_split_at_separator_lines_only() {
         let docs = documents("a: 1\n---\nb: '---'\n--- \nc: 3\n");
         assert_eq!(docs, vec!["a: 1\n", "---\nb: '---'\n", "--- \nc: 3\n"]);
@@ -227,6 +236,33 @@ spec:
             ),
             "{error}"
         );
+    }
+
+    /// Fuzz finding (target `inject_yaml`, seeded from tests/fixtures/dev/workloads.yaml):
+    /// `kips inject` refused its own output for a template annotated in named mode ("no
+    /// container declares a port named \"http\""), since it had renamed that port.
+    #[test]
+    fn its_own_output_is_printed_again_unchanged_in_named_mode() {
+        let input = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {kips.io/redirect: http}
+    spec:
+      containers:
+      - name: web
+        image: web:1
+        ports: [{name: http, containerPort: 3000}]
+";
+        let config = InjectConfig::default();
+        let once = inject_manifests(input, &config).unwrap().text;
+        assert!(once.contains("kips-app-3000"), "{once}");
+        let twice = inject_manifests(&once, &config).unwrap().text;
+        assert_eq!(twice, once);
     }
 
     #[test]

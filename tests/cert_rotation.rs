@@ -4,50 +4,20 @@
 
 mod support;
 
-use std::os::unix::fs::symlink;
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use kips::tls::{PemPair, generate_ca, issue_serving_cert, local_names};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-use support::webhook::{TlsStream, Webhook, fixture, post_head, tls_connect};
+use support::webhook::{
+    TlsStream, Webhook, fixture, leaf_der, post_head, publish_secret_volume as publish,
+    served_leaf, tls_connect,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type Tls = TlsStream;
 
-/// Writes `pair` into `dir/<version>/` and points `dir/..data` at it atomically, as the
-/// kubelet does for Secret volumes; `dir/tls.crt` and `dir/tls.key` link through `..data`.
-fn publish(dir: &Path, version: &str, pair: &PemPair) -> Result<()> {
-    let target = dir.join(version);
-    std::fs::create_dir_all(&target)?;
-    std::fs::write(target.join("tls.crt"), &pair.cert)?;
-    std::fs::write(target.join("tls.key"), &pair.key)?;
-    let tmp = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    symlink(version, &tmp)?;
-    std::fs::rename(&tmp, dir.join("..data"))?;
-    for file in ["tls.crt", "tls.key"] {
-        if std::fs::symlink_metadata(dir.join(file)).is_err() {
-            symlink(Path::new("..data").join(file), dir.join(file))?;
-        }
-    }
-    Ok(())
-}
-
-fn leaf_der(pair: &PemPair) -> Vec<u8> {
-    CertificateDer::from_pem_slice(pair.cert.as_bytes())
-        .unwrap()
-        .to_vec()
-}
-
 async fn connect(webhook: &Webhook, ca: &PemPair) -> Result<Tls> {
     tls_connect(webhook.addr, &ca.cert).await
-}
-
-fn served_leaf(stream: &Tls) -> Vec<u8> {
-    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
 /// Sends one keep-alive request and reads its response (Content-Length framed).
@@ -83,19 +53,8 @@ async fn read_response(stream: &mut Tls) -> Result<String> {
     }
 }
 
-/// Waits until a new handshake is served `expected`.
 async fn wait_for_leaf(webhook: &Webhook, ca: &PemPair, expected: &[u8]) -> Result<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        if served_leaf(&connect(webhook, ca).await?) == expected {
-            return Ok(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    bail!(
-        "new handshakes never saw the new certificate; log:\n{}",
-        webhook.logs()
-    )
+    support::webhook::wait_for_leaf(webhook, &ca.cert, expected).await
 }
 
 #[tokio::test]

@@ -178,6 +178,17 @@ pub struct Measured {
     /// Open loop only: how late requests left the client after their scheduled time
     /// (client overhead plus, on HTTP/1.1, waiting for a free connection).
     pub send_lag: Histogram<u64>,
+    /// Soak only: latency and outcomes per `window_len` of the measured time, by the
+    /// requests' scheduled times.
+    pub windows: Vec<Window>,
+    window_len: Option<Duration>,
+}
+
+/// One window of a soak.
+pub struct Window {
+    pub latency: Histogram<u64>,
+    pub ok: u64,
+    pub errors: u64,
 }
 
 impl Measured {
@@ -192,6 +203,39 @@ impl Measured {
             last_answer: None,
             scheduled: 0,
             send_lag: histogram(),
+            windows: Vec::new(),
+            window_len: None,
+        }
+    }
+
+    fn with_windows(window_len: Duration) -> Self {
+        Self {
+            window_len: Some(window_len),
+            ..Self::new()
+        }
+    }
+
+    /// Records a request scheduled `offset` after the measured start, into its window too.
+    fn record_at(&mut self, offset: Duration, latency: Duration, outcome: &Result<usize>) {
+        self.record(latency, outcome);
+        let Some(window_len) = self.window_len else {
+            return;
+        };
+        let index = (offset.as_secs_f64() / window_len.as_secs_f64()) as usize;
+        while self.windows.len() <= index {
+            self.windows.push(Window {
+                latency: Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+                ok: 0,
+                errors: 0,
+            });
+        }
+        let window = &mut self.windows[index];
+        window
+            .latency
+            .saturating_record(latency.as_micros().clamp(1, 120_000_000) as u64);
+        match outcome {
+            Ok(_) if latency <= REQUEST_TIMEOUT => window.ok += 1,
+            _ => window.errors += 1,
         }
     }
 
@@ -216,6 +260,49 @@ impl Measured {
 
     pub fn percentile(&self, quantile: f64) -> u64 {
         self.latency.value_at_quantile(quantile)
+    }
+}
+
+/// Send times every 1/`rate` s from `start` until `end`, from a thread of its own: tokio's
+/// timers tick in milliseconds, so the thread sleeps to each send time with a 1 µs timer
+/// slack. `scheduled` counts those at or after `measure_from`.
+pub struct Schedule {
+    pub thread: std::thread::JoinHandle<()>,
+    pub due: tokio::sync::mpsc::UnboundedReceiver<Instant>,
+    pub scheduled: Arc<AtomicU64>,
+}
+
+impl Schedule {
+    pub fn start(rate: u64, start: Instant, measure_from: Instant, end: Instant) -> Self {
+        let (tx, due) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let scheduled = Arc::new(AtomicU64::new(0));
+        let counter = scheduled.clone();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: prctl with PR_SET_TIMERSLACK only sets this thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
+            let interval = Duration::from_secs_f64(1.0 / rate as f64);
+            for index in 0u32.. {
+                let due = start + interval * index;
+                if due >= end {
+                    break;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                if due >= measure_from {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                if tx.send(due).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            thread,
+            due,
+            scheduled,
+        }
     }
 }
 
@@ -287,35 +374,11 @@ pub async fn open_loop(
     let start = Instant::now() + Duration::from_millis(20);
     let measure_from = start + warmup;
     let schedule_end = measure_from + duration;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-    let scheduled = Arc::new(AtomicU64::new(0));
-    let scheduler = {
-        let scheduled = scheduled.clone();
-        // tokio's timers tick in milliseconds; a thread of its own sleeps to each send time
-        // with a 1 µs timer slack.
-        std::thread::spawn(move || {
-            // SAFETY: prctl with PR_SET_TIMERSLACK only sets this thread's timer slack.
-            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000u64) };
-            let interval = Duration::from_secs_f64(1.0 / rate as f64);
-            for index in 0u32.. {
-                let due = start + interval * index;
-                if due >= schedule_end {
-                    break;
-                }
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                if due >= measure_from {
-                    scheduled.fetch_add(1, Ordering::Relaxed);
-                }
-                if tx.send(due).is_err() {
-                    break;
-                }
-            }
-        })
-    };
-
+    let Schedule {
+        thread: scheduler,
+        due: rx,
+        scheduled,
+    } = Schedule::start(rate, start, measure_from, schedule_end);
     let measured = Arc::new(Mutex::new(Measured::new()));
     let mut in_flight = JoinSet::new();
     let finish =
@@ -403,4 +466,98 @@ fn take(measured: Arc<Mutex<Measured>>) -> Result<Measured> {
         .lock()
         .map_err(|_| anyhow!("a request task panicked"))?;
     Ok(std::mem::replace(&mut *measured, Measured::new()))
+}
+
+/// A soak: open loop at `rate` over `connections` HTTP/2 connections (streams spread over
+/// them in turn), the bodies of `targets` in turn, for `warmup` unmeasured and `duration`
+/// measured, with latency and errors per `window`. Every `recycle_every` one connection is
+/// replaced by a new one (a new TLS handshake, as API server replicas come and go), opened
+/// beside the old one so that no request waits for it; the old one finishes its streams.
+pub async fn soak(
+    targets: &[Target],
+    connections: usize,
+    rate: u64,
+    warmup: Duration,
+    duration: Duration,
+    window: Duration,
+    recycle_every: Duration,
+) -> Result<(Measured, usize)> {
+    let first = targets.first().context("no bodies to send")?;
+    anyhow::ensure!(first.protocol == Protocol::Http2, "the soak speaks HTTP/2");
+    let mut pool = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        pool.push(connect(first).await?);
+    }
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_from = start + warmup;
+    let schedule_end = measure_from + duration;
+    let Schedule {
+        thread: scheduler,
+        due: mut rx,
+        scheduled,
+    } = Schedule::start(rate, start, measure_from, schedule_end);
+    let measured = Arc::new(Mutex::new(Measured::with_windows(window)));
+    let (fresh_tx, mut fresh_rx) = tokio::sync::mpsc::channel::<Result<Connection>>(1);
+    let mut next_recycle = start + recycle_every;
+    let mut recycled = 0usize;
+    let mut streams = JoinSet::new();
+    let mut index = 0usize;
+    while let Some(due) = rx.recv().await {
+        if due >= next_recycle {
+            next_recycle += recycle_every;
+            let (target, fresh_tx) = (first.clone(), fresh_tx.clone());
+            tokio::spawn(async move {
+                let _ = fresh_tx.send(connect(&target).await).await;
+            });
+        }
+        if let Ok(fresh) = fresh_rx.try_recv() {
+            pool[recycled % connections] =
+                fresh.context("a new connection during the soak failed")?;
+            recycled += 1;
+        }
+        let connection = pool[index % connections].clone();
+        let target = targets[index % targets.len()].clone();
+        index += 1;
+        let measured = measured.clone();
+        streams.spawn(async move {
+            let sent = Instant::now();
+            let outcome = send(&connection, &target).await;
+            if due >= measure_from {
+                let answered = Instant::now();
+                let mut measured = measured.lock().unwrap();
+                measured.record_at(due - measure_from, answered - due, &outcome);
+                measured.last_answer = Some(answered);
+                let lag = (sent - due).as_micros().max(1) as u64;
+                measured.send_lag.saturating_record(lag);
+            }
+        });
+        while streams.try_join_next().is_some() {}
+    }
+    let deadline = tokio::time::Instant::from_std(schedule_end + REQUEST_TIMEOUT);
+    let drained = tokio::time::timeout_at(deadline, async {
+        while streams.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        streams.abort_all();
+        while streams.join_next().await.is_some() {}
+    }
+    scheduler
+        .join()
+        .map_err(|_| anyhow!("the scheduler thread panicked"))?;
+    let mut measured = take(measured)?;
+    measured.window = measured
+        .last_answer
+        .map_or(duration, |last| duration.max(last - measure_from));
+    measured.scheduled = scheduled.load(Ordering::Relaxed);
+    let unanswered = measured
+        .scheduled
+        .saturating_sub(measured.ok + measured.errors);
+    if unanswered > 0 {
+        measured.errors += unanswered;
+        measured.first_error.get_or_insert(format!(
+            "{unanswered} requests unanswered {REQUEST_TIMEOUT:?} after the schedule ended"
+        ));
+    }
+    Ok((measured, recycled))
 }

@@ -12,6 +12,7 @@ mod common;
 
 mod client;
 mod servers;
+mod soak;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,28 @@ struct Args {
     server_core: usize,
     #[arg(long, default_value_t = 1)]
     client_core: usize,
+    /// Run the soak instead (only it): a fixed rate of mixed pods and workloads over HTTP/2
+    /// against `--cert-mode files` certificates rotated by symlink swap.
+    #[arg(long)]
+    soak: bool,
+    /// Measured seconds of the soak.
+    #[arg(long, default_value_t = 600.0)]
+    soak_duration: f64,
+    /// Requests per second of the soak.
+    #[arg(long, default_value_t = 5000)]
+    soak_rate: u64,
+    /// Seconds between certificate rotations in the soak.
+    #[arg(long, default_value_t = 60.0)]
+    rotate_every: f64,
+    /// HTTP/2 connections of the soak (streams spread over them in turn).
+    #[arg(long, default_value_t = 4)]
+    soak_connections: usize,
+    /// Seconds between replacing one soak connection by a new one (a new handshake).
+    #[arg(long, default_value_t = 15.0)]
+    recycle_every: f64,
+    /// Seconds per row of the soak's table.
+    #[arg(long, default_value_t = 60.0)]
+    soak_window: f64,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -176,6 +199,23 @@ fn main() -> Result<()> {
         args.client_core,
         load_average()
     );
+    if args.soak {
+        let settings = soak::SoakSettings {
+            duration: Duration::from_secs_f64(args.soak_duration),
+            warmup: Duration::from_secs_f64(args.warmup),
+            rate: args.soak_rate,
+            rotate_every: Duration::from_secs_f64(args.rotate_every),
+            connections: args.soak_connections,
+            recycle_every: Duration::from_secs_f64(args.recycle_every),
+            window: Duration::from_secs_f64(args.soak_window),
+            rss_every: Duration::from_secs(5),
+            server_core: args.server_core,
+        };
+        eprintln!("[soak {} s at {}/s]", args.soak_duration, args.soak_rate);
+        runtime.block_on(soak::run(&settings, &kips))?.print();
+        println!("\nload average after: {}", load_average());
+        return Ok(());
+    }
     if !args.no_load {
         let (rows, memory) = runtime.block_on(load(&args, &kips))?;
         print_rows(&rows);
@@ -217,6 +257,37 @@ fn smoke_test(kips: &Path) -> Result<()> {
                 }
             }
         }
+        // The soak's parts: rotation, recycled connections, windows, memory samples.
+        let settings = soak::SoakSettings {
+            duration: Duration::from_secs(2),
+            warmup: Duration::from_millis(200),
+            rate: 200,
+            rotate_every: Duration::from_millis(500),
+            connections: 2,
+            recycle_every: Duration::from_millis(300),
+            window: Duration::from_secs(1),
+            rss_every: Duration::from_millis(250),
+            server_core: 0,
+        };
+        let report = soak::run(&settings, kips).await?;
+        let m = &report.measured;
+        anyhow::ensure!(
+            m.errors == 0 && m.ok > 0,
+            "soak smoke test: {} errors ({:?})",
+            m.errors,
+            m.first_error
+        );
+        anyhow::ensure!(
+            report.rotations >= 2 && report.reloads == report.rotations,
+            "soak smoke test: {} rotations, {} reloads",
+            report.rotations,
+            report.reloads
+        );
+        anyhow::ensure!(report.recycled >= 2 && m.windows.len() == 2 && report.rss.len() >= 4);
+        println!(
+            "load bench smoke test: soak of {} requests, {} rotations reloaded, {} connections replaced",
+            m.ok, report.reloads, report.recycled
+        );
         Ok(())
     })
 }

@@ -96,11 +96,25 @@ pub fn command(role: Role, kips: &Path, port: u16, certs_dir: &Path, core: usize
 impl ServerProcess {
     /// Starts `role` on `core` and waits until it accepts connections.
     pub fn start(role: Role, kips: &Path, core: usize) -> Result<Self> {
+        Self::start_with(role, kips, core, &[], None)
+    }
+
+    /// Starts `role` with `extra` flags. With `ca_pem` (the CA of certificates given by the
+    /// flags), waits only until it accepts connections; otherwise also for the CA it writes.
+    pub fn start_with(
+        role: Role,
+        kips: &Path,
+        core: usize,
+        extra: &[String],
+        ca_pem: Option<String>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("kips-bench-").tempdir()?;
         let certs = dir.path().join("certs");
         let port = free_port()?;
         let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let given_ca = ca_pem.is_some();
         let child = command(role, kips, port, &certs, core)
+            .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -108,7 +122,7 @@ impl ServerProcess {
         let mut server = Self {
             role,
             port,
-            ca_pem: String::new(),
+            ca_pem: ca_pem.unwrap_or_default(),
             child,
             _dir: dir,
         };
@@ -122,10 +136,12 @@ impl ServerProcess {
                     server.log()
                 );
             }
-            if ca_path.exists()
+            if (given_ca || ca_path.exists())
                 && TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_ok()
             {
-                server.ca_pem = std::fs::read_to_string(&ca_path)?;
+                if !given_ca {
+                    server.ca_pem = std::fs::read_to_string(&ca_path)?;
+                }
                 return Ok(server);
             }
             if Instant::now() > deadline {

@@ -6,6 +6,9 @@ mod effective;
 mod grammar;
 mod status;
 
+/// Named by `crate::fuzzing` (pub there), hence `pub` here, in a private module.
+pub use grammar::AnnotationError;
+
 pub(crate) use effective::{InvalidAnnotations, WorkloadAnnotations};
 pub(crate) use grammar::{
     KipsAnnotations, PortMode, PortRef, PortRefError, Protocol, Redirect, RelayName,

@@ -143,7 +143,8 @@ pub fn mutate_pod_view(
     Ok(inject_fresh(pod, config, relay_hint))
 }
 
-fn carries_injection(pod: &PodView) -> bool {
+/// Whether kips injected `pod` before (its status annotation, or one of its containers).
+pub(crate) fn carries_injection(pod: &PodView) -> bool {
     pod.metadata.annotation(STATUS).is_some()
         || pod
             .spec
@@ -172,6 +173,11 @@ fn inject_fresh(pod: &PodView, config: &InjectConfig, relay_hint: Option<&str>) 
         return skipped(
             "it uses hostNetwork; kips never rewrites the node's network or ports".into(),
         );
+    }
+    // No spec at all (the API server's validation refuses the pod anyway): a patch under
+    // `/spec` could not apply, and would hide that message behind a failed webhook.
+    if pod.spec.containers.is_empty() {
+        return skipped("it has no containers (spec.containers is missing or empty)".into());
     }
     // The default relay is the workload's name, worked out only when a redirect needs it.
     let derived = (relay_hint.is_none() && annotations.redirects.iter().any(|r| r.relay.is_none()))

@@ -196,7 +196,12 @@ fn keep_additions(current: &Value, desired: &mut Value) {
         .flat_map(|list| current["spec"][*list].as_array().into_iter().flatten())
         .collect();
     for list in ["containers", "initContainers"] {
-        let Some(containers) = desired["spec"][list].as_array_mut() else {
+        // `get_mut`, not indexing: indexing would insert `null` lists into a pod without them.
+        let Some(containers) = desired
+            .get_mut("spec")
+            .and_then(|spec| spec.get_mut(list))
+            .and_then(Value::as_array_mut)
+        else {
             continue;
         };
         for container in containers {

@@ -89,6 +89,45 @@ fn assert_idempotent(injected: &Value) {
     assert_eq!(again.effect, Effect::Unchanged);
 }
 
+/// Fuzz finding (target `review`): a kips pod without `spec` (or with no containers) was
+/// answered with a patch under `/spec`, which cannot apply; it is let through uninjected
+/// with a warning, and the API server's validation says what is wrong with it.
+#[test]
+fn a_pod_without_containers_is_skipped_not_patched() {
+    let mut pod = deployment_pod(json!({"kips.io/redirect": "8080"}));
+    pod.as_object_mut().unwrap().remove("spec");
+    for pod in [
+        pod.clone(),
+        json!({"metadata": pod["metadata"], "spec": {}}),
+    ] {
+        let mutation = admit(&pod);
+        assert_eq!(mutation.effect, Effect::Skipped);
+        assert!(mutation.patch.is_empty(), "{:?}", mutation.patch);
+        assert_eq!(
+            mutation.warnings,
+            ["kips: pod not injected: it has no containers (spec.containers is missing or empty)"]
+        );
+    }
+}
+
+/// Fuzz finding (target `review`): re-admitting a pod that carries `kips.io/status` but no
+/// container lists added `"containers": null` and `"initContainers": null` (JSON indexing
+/// inserts what it does not find), and kips could not read its own result.
+#[test]
+fn re_admitting_a_pod_without_container_lists_adds_no_null_lists() {
+    let mut pod = deployment_pod(json!({"kips.io/redirect": "8080"}));
+    pod["spec"] = json!({"restartPolicy": "Always"});
+    pod["metadata"]["annotations"]["kips.io/status"] = json!("{}");
+    let mutation = admit(&pod);
+    let result = apply(&pod, &mutation);
+    assert_eq!(
+        result["spec"],
+        json!({"restartPolicy": "Always"}),
+        "{result}"
+    );
+    assert!(admit(&result).patch.is_empty());
+}
+
 #[test]
 fn iptables_mode_injects_init_container_and_native_sidecar() {
     let pod =

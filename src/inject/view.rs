@@ -285,8 +285,9 @@ pub struct WorkloadView<'a> {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSpecView<'a> {
+    /// `None` when absent: an invalid workload, which kips must not patch as if it had one.
     #[serde(borrow, default)]
-    pub template: TemplateView<'a>,
+    pub template: Option<TemplateView<'a>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -320,7 +321,7 @@ pub struct ObjectSpecView<'a> {
     #[serde(borrow, default)]
     pub init_containers: Option<Vec<ContainerView<'a>>>,
     #[serde(borrow, default)]
-    pub template: TemplateView<'a>,
+    pub template: Option<TemplateView<'a>>,
 }
 
 impl<'a> ObjectView<'a> {

@@ -13,9 +13,10 @@ use serde_json::Value;
 
 use super::patch::{PatchOp, add, pointer, remove, replace};
 use super::view::{PodView, TemplateView, WorkloadView};
-use super::{Effect, InjectConfig, Mutation, PodNeeds, plan};
+use super::{Effect, InjectConfig, Mutation, PodNeeds, plan, reinvoke};
 use crate::annotations::{
-    COPIED, KipsAnnotations, PortMode, REDIRECT, WorkloadAnnotations, copied_marker, is_bookkeeping,
+    COPIED, KipsAnnotations, PortMode, REDIRECT, WorkloadAnnotations, copied_marker, has_kips_key,
+    is_bookkeeping,
 };
 
 /// A refused admission, with the message the user sees.
@@ -27,7 +28,12 @@ const TEMPLATE_PREFIX: &str = "spec.template.metadata.annotations";
 
 pub fn mutate(object_json: &str, config: &InjectConfig) -> Result<Mutation, WorkloadError> {
     let workload: WorkloadView = serde_json::from_str(object_json)?;
-    Ok(mutate_view(workload, config)?)
+    let template = || {
+        serde_json::from_str::<Value>(object_json)
+            .ok()
+            .and_then(|mut object| object.pointer_mut("/spec/template").map(Value::take))
+    };
+    Ok(mutate_view(workload, template, config)?)
 }
 
 /// Why `kips inject` could not admit a workload.
@@ -47,13 +53,27 @@ fn joined<T: ToString>(errors: impl IntoIterator<Item = T>) -> String {
         .join("; ")
 }
 
-/// Admits a workload already read into a view.
-pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Mutation, Denial> {
+/// Admits a workload already read into a view. `template` gives its pod template as a JSON
+/// value, which only a template kips injected before needs (`kips inject` output applied to
+/// the cluster): its ports are checked as they were before kips renamed them.
+pub fn mutate_view(
+    workload: WorkloadView,
+    template: impl FnOnce() -> Option<Value>,
+    config: &InjectConfig,
+) -> Result<Mutation, Denial> {
     let WorkloadView { metadata, spec } = workload;
-    let TemplateView {
+    let Some(TemplateView {
         metadata: template_meta,
         spec: template_spec,
-    } = spec.template;
+    }) = spec.template
+    else {
+        if has_kips_key(metadata.annotation_pairs().map(|(k, _)| k)) {
+            return Err(Denial(
+                "spec.template is missing; kips copies the workload's kips.io/* annotations into its pod template".into(),
+            ));
+        }
+        return Ok(Mutation::default());
+    };
     let template_meta_exists = template_meta.is_some();
     let template_annotations_exist = template_meta
         .as_ref()
@@ -101,20 +121,35 @@ pub fn mutate_view(workload: WorkloadView, config: &InjectConfig) -> Result<Muta
             ));
         }
         let workload_name = (!name.is_empty()).then_some(name);
-        let plan =
-            plan::plan(&template_pod, &effective, config, workload_name).map_err(|reason| {
-                // This one names its own annotation, `kips.io/reverse`.
-                if let plan::PlanError::RelayBothWays(both) = reason {
-                    return Denial(both.to_string());
-                }
-                let redirect = kips
-                    .user_template()
-                    .find(|(k, _)| *k == REDIRECT)
-                    .map(|(_, v)| v)
-                    .or_else(|| copies.values.get(REDIRECT).map(String::as_str))
-                    .unwrap_or_default();
-                Denial(format!("{REDIRECT}: \"{redirect}\": {reason}"))
-            })?;
+        // A template kips injected is planned as it was before: its own containers and
+        // renamed ports would otherwise hide the ports the annotations name.
+        let stripped = super::carries_injection(&template_pod)
+            .then(template)
+            .flatten()
+            .map(|mut template| {
+                reinvoke::strip(&mut template);
+                template
+            });
+        let planned_pod = stripped.as_ref().map(PodView::deserialize_from);
+        let plan = plan::plan(
+            planned_pod.as_ref().unwrap_or(&template_pod),
+            &effective,
+            config,
+            workload_name,
+        )
+        .map_err(|reason| {
+            // This one names its own annotation, `kips.io/reverse`.
+            if let plan::PlanError::RelayBothWays(both) = reason {
+                return Denial(both.to_string());
+            }
+            let redirect = kips
+                .user_template()
+                .find(|(k, _)| *k == REDIRECT)
+                .map(|(_, v)| v)
+                .or_else(|| copies.values.get(REDIRECT).map(String::as_str))
+                .unwrap_or_default();
+            Denial(format!("{REDIRECT}: \"{redirect}\": {reason}"))
+        })?;
         needs = Some(PodNeeds {
             relay_secret: plan.secret.clone(),
             net_admin: plan.mode == Some(PortMode::Iptables),
@@ -208,6 +243,7 @@ mod tests {
         let text = object.to_string();
         mutate_view(
             serde_json::from_str(&text).unwrap(),
+            || object.pointer("/spec/template").cloned(),
             &InjectConfig::default(),
         )
     }
@@ -225,6 +261,55 @@ mod tests {
 
     fn template_annotations(object: &Value) -> &Value {
         &object["spec"]["template"]["metadata"]["annotations"]
+    }
+
+    /// Fuzz finding (target `review`, fuzz/README.md): a Deployment without
+    /// `spec.template` was answered with a patch adding `/spec/template/metadata`, which
+    /// cannot apply (its parent is missing), so the API server failed the request on kips'
+    /// patch instead of saying what was wrong.
+    #[test]
+    fn a_workload_without_a_template_is_denied_not_patched() {
+        let mut object = deployment(json!({"kips.io/redirect": "api:8080"}), None);
+        object["spec"].as_object_mut().unwrap().remove("template");
+        let denial = admit(&object).unwrap_err();
+        assert_eq!(
+            denial.0,
+            "spec.template is missing; kips copies the workload's kips.io/* annotations into its pod template"
+        );
+        object["spec"]["template"] = Value::Null;
+        assert!(admit(&object).is_err());
+        // Without kips annotations it is none of kips' business.
+        object["metadata"]["annotations"] = json!({"team": "a"});
+        assert_eq!(admit(&object).unwrap(), Mutation::default());
+    }
+
+    /// Fuzz finding (target `inject_yaml`): a template kips had injected in named mode (the
+    /// output of `kips inject` applied to the cluster, the GitOps way) was denied when the
+    /// workload was admitted again: the app's port "http" had been renamed `kips-app-8080`
+    /// and the sidecar, which took the name, is kips' own, so no container declared it.
+    #[test]
+    fn a_template_injected_in_named_mode_is_admitted_again_unchanged() {
+        let object = deployment(json!({}), Some(json!({"kips.io/redirect": "http"})));
+        let config = InjectConfig::default();
+        let mut injected = object.clone();
+        let template = injected["spec"]["template"].to_string();
+        let pod = crate::inject::mutate_pod(&template, &config, Some("api")).unwrap();
+        json_patch::patch(
+            &mut injected["spec"]["template"],
+            &crate::inject::patch::to_json_patch(&pod.patch),
+        )
+        .unwrap();
+        let ports = &injected["spec"]["template"]["spec"]["containers"][0]["ports"];
+        assert_eq!(ports[0]["name"], "kips-app-8080", "named mode renamed it");
+        let again = admit(&injected).expect("admitted, not denied");
+        assert!(again.patch.is_empty(), "{:?}", again.patch);
+        assert_eq!(
+            again.needs,
+            Some(PodNeeds {
+                relay_secret: "kips-relay".into(),
+                net_admin: false
+            })
+        );
     }
 
     #[test]

@@ -51,7 +51,8 @@ struct RequestIn<'a, O> {
     dry_run: Option<bool>,
 }
 
-/// Only `request.object`, as a JSON value: for a pod kips injected before.
+/// Only `request.object`, as a JSON value: for a pod (or a workload's pod template) kips
+/// injected before.
 #[derive(Deserialize)]
 struct WholeObject {
     request: WholeObjectRequest,
@@ -299,7 +300,19 @@ fn decide_review<'a, O>(
                 })
             }
             Ok(Object::Workload(workload)) => {
-                inject::workload::mutate_view(workload, config).map_err(AdmissionError::from)
+                let template = || {
+                    serde_json::from_slice::<WholeObject>(body)
+                        .ok()
+                        .and_then(|mut whole| {
+                            whole
+                                .request
+                                .object
+                                .pointer_mut("/spec/template")
+                                .map(Value::take)
+                        })
+                };
+                inject::workload::mutate_view(workload, template, config)
+                    .map_err(AdmissionError::from)
             }
         },
     };
@@ -488,6 +501,26 @@ mod tests {
                     .starts_with("kips could not read")
             );
         }
+    }
+
+    /// Fuzz finding (target `inject_yaml`), through the webhook: a Deployment whose template
+    /// `kips inject` rendered in named mode is admitted (UPDATE) without a patch, not denied.
+    #[test]
+    fn a_workload_rendered_by_kips_inject_in_named_mode_is_admitted_unchanged() {
+        let manifest = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: dev}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}, annotations: {kips.io/redirect: http}}\n    spec: {containers: [{name: web, image: web, ports: [{name: http, containerPort: 3000}]}]}\n";
+        let rendered = crate::manifest::inject_manifests(manifest, &InjectConfig::default())
+            .unwrap()
+            .text;
+        let object: Value = serde_yaml::from_str(&rendered).unwrap();
+        let (reviewed, body) = review_json(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-2", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+                "namespace": "dev", "operation": "UPDATE", "object": object, "oldObject": object
+            }
+        }));
+        assert_eq!(reviewed.outcome, Outcome::Allowed, "{body}");
+        assert!(body["response"].get("patch").is_none(), "{body}");
     }
 
     #[test]

@@ -289,11 +289,20 @@ impl Server {
             .http1()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout);
+        // HTTP/2 abuse limits, written out rather than left to hyper's defaults (they are
+        // hyper's, held by tests/webhook_faults.rs): at most 200 streams at once per
+        // connection; a client that resets streams before they are served (rapid reset) or
+        // makes the server reset many gets a GOAWAY; a header block, CONTINUATION frames
+        // included, stops at 16 KiB (the API server sends well under 1 KiB).
         server
             .http_builder()
             .http2()
             .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30));
+            .keep_alive_interval(Duration::from_secs(30))
+            .max_concurrent_streams(200)
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024)
+            .max_header_list_size(16 * 1024);
         let handle = self.handle.clone();
         let drain = settings.drain_timeout;
         tokio::spawn(async move {

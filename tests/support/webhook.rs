@@ -104,11 +104,27 @@ impl Webhook {
 
     /// SIGTERM, then waits up to `within` for a clean exit.
     pub fn terminate(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        self.signal_term()?;
+        self.wait_exit(within)
+    }
+
+    /// Sends SIGTERM (the kubelet stopping the pod) without waiting.
+    pub fn signal_term(&self) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("already stopped"))?;
+        // SAFETY: kill has no memory effects; the pid is our own unreaped child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        Ok(())
+    }
+
+    /// Waits up to `within` for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
         let child = self
             .child
             .as_mut()
             .ok_or_else(|| anyhow!("already stopped"))?;
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -117,12 +133,26 @@ impl Webhook {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "kips webhook did not exit within {within:?} of SIGTERM; log:\n{}",
+                    "kips webhook did not exit within {within:?}; log:\n{}",
                     self.logs()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// (VmRSS, VmHWM) of the process in KiB: its resident memory now and at its peak.
+    pub fn memory_kib(&self) -> Result<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse().ok())
+                .ok_or_else(|| anyhow!("no {name} in /proc/<pid>/status"))
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 }
 
@@ -186,7 +216,12 @@ pub type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 /// A raw HTTP/1.1-over-TLS connection to `addr` that trusts only `ca_pem`, for tests that
 /// need control of every byte (slow clients, requests in flight, peer certificates).
 pub async fn tls_connect(addr: SocketAddr, ca_pem: &str) -> Result<TlsStream> {
-    let config = rustls_client_config(ca_pem, &[b"http/1.1"])?;
+    tls_connect_alpn(addr, ca_pem, b"http/1.1").await
+}
+
+/// A raw TLS connection offering one ALPN protocol (`h2` for hand-written HTTP/2 frames).
+pub async fn tls_connect_alpn(addr: SocketAddr, ca_pem: &str, alpn: &[u8]) -> Result<TlsStream> {
+    let config = rustls_client_config(ca_pem, &[alpn])?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     Ok(connector.connect("localhost".try_into()?, tcp).await?)
@@ -216,4 +251,58 @@ pub async fn read_to_close(
     .await
     .map_err(|_| anyhow!("the server kept the connection open"))?;
     Ok(out)
+}
+
+/// Writes `pair` into `dir/<version>/` and points `dir/..data` at it atomically, as the
+/// kubelet does for Secret volumes; `dir/tls.crt` and `dir/tls.key` link through `..data`.
+pub fn publish_secret_volume(dir: &Path, version: &str, pair: &kips::tls::PemPair) -> Result<()> {
+    use std::os::unix::fs::symlink;
+    let target = dir.join(version);
+    std::fs::create_dir_all(&target)?;
+    std::fs::write(target.join("tls.crt"), &pair.cert)?;
+    std::fs::write(target.join("tls.key"), &pair.key)?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(version, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    for file in ["tls.crt", "tls.key"] {
+        if std::fs::symlink_metadata(dir.join(file)).is_err() {
+            symlink(Path::new("..data").join(file), dir.join(file))?;
+        }
+    }
+    Ok(())
+}
+
+/// The DER of a pair's leaf certificate.
+pub fn leaf_der(pair: &kips::tls::PemPair) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pair.cert.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+/// The leaf certificate a TLS connection was served.
+pub fn served_leaf(stream: &TlsStream) -> Vec<u8> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("a server certificate")[0]
+        .to_vec()
+}
+
+/// Waits until a new handshake with the webhook is served `expected`.
+pub async fn wait_for_leaf(webhook: &Webhook, ca_pem: &str, expected: &[u8]) -> Result<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if served_leaf(&tls_connect(webhook.addr, ca_pem).await?) == expected {
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    bail!(
+        "new handshakes never saw the new certificate; log:\n{}",
+        webhook.logs()
+    )
 }

@@ -140,12 +140,13 @@ pub struct Images {
     pub kips_init: String,
     /// The sandbox image containerd is pinned to.
     pub pause: String,
-    /// `testapp serve`: answers `cluster <pod name>` on :8080 (env `ANSWER`, `LISTEN`).
+    /// `testapp serve`: answers `cluster <pod name>` on :8080 (env `ANSWER`, `LISTEN`, and
+    /// `UDP_LISTEN` for UDP); `testapp echo ADDR` is a TCP echo.
     pub app: String,
     /// `testapp serve` as user 65532 answering `sidecar <pod name>` on :15100, ignoring its
     /// arguments (shown at `/args`): a stand-in for kips-bridge.
     pub bridge_standin: String,
-    /// busybox (`sh`, `nc`) and `testapp get URL`.
+    /// busybox (`sh`, `nc`) and testapp (`get URL`, `udp ADDR MESSAGE`, `echo ADDR`).
     pub client: String,
 }
 

@@ -11,10 +11,13 @@
 //! 3. UDP: a `/udp` redirect answered by a UDP app on the host's loopback, also after
 //!    `kips connect` is interrupted and started again.
 //! 4. two ports on two relays in one workload, each reaching its own laptop port.
+//! 10. IPv6: on the dual-stack node, a client pod reaches the laptop through the Service's
+//!     IPv6 ClusterIP (kips-init's ip6tables rules, the bridge on `[::]`) as through its IPv4
+//!     one.
 //!
-//! One cluster for the file, scenarios one after the other (each one's failure is reported and
+//! One dual-stack cluster for the file (Services are IPv4 unless they ask for both), scenarios one after the other (each one's failure is reported and
 //! the next still runs). Prints `modes: <scenario> ok in <s> s (...)` per scenario.
-//! `KIPS_MODES_ONLY=named,twoway,udp,ports` runs a subset while developing (refused with
+//! `KIPS_MODES_ONLY=named,twoway,udp,ports,ipv6` runs a subset while developing (refused with
 //! CI=true). Needs what the node suite needs (see tests/e2e_node.rs).
 
 mod support;
@@ -36,7 +39,7 @@ use support::scenario::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SCENARIOS: [&str; 4] = ["named", "twoway", "udp", "ports"];
+const SCENARIOS: [&str; 5] = ["named", "twoway", "udp", "ports", "ipv6"];
 
 #[tokio::test]
 async fn port_modes_two_way_udp_and_several_relays_on_a_real_node() -> Result<()> {
@@ -44,7 +47,7 @@ async fn port_modes_two_way_udp_and_several_relays_on_a_real_node() -> Result<()
         return Ok(());
     }
     let only = chosen_scenarios()?;
-    let cluster = Cluster::start().await?;
+    let cluster = Cluster::start_dual_stack().await?;
     let outcome = run_all(&cluster, &only).await;
     if outcome.is_err() {
         eprintln!("{}", cluster.log_tails(40));
@@ -111,6 +114,7 @@ async fn run_all(cluster: &Cluster, only: &[&str]) -> Result<()> {
             "twoway" => two_way(&env).await,
             "udp" => udp(&env).await,
             "ports" => several_ports_and_relays(&env).await,
+            "ipv6" => ipv6(&env).await,
             other => bail!("no scenario {other}"),
         };
         match outcome {
@@ -1037,5 +1041,134 @@ async fn several_ports_in(env: &Env<'_>, n: &str, dir: &Path) -> Result<String> 
     Ok(format!(
         "both ports to the laptop {:.1} s; kips-bridge args {args:?}",
         both.as_secs_f64()
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. IPv6
+
+async fn ipv6(env: &Env<'_>) -> Result<String> {
+    let cluster = env.cluster;
+    let dir = tempfile::Builder::new()
+        .prefix("kips-modes-ipv6-")
+        .tempdir()?;
+    let relay = TestRelay::start(cluster.host_address(), dir.path(), &["api"]).await?;
+    let n = namespace(env, "ipv6", &[], &relay).await?;
+    let outcome = ipv6_in(env, &n, dir.path()).await;
+    if outcome.is_err() {
+        eprintln!("kips relay:\n{}", relay.process.log_text());
+    }
+    done_with(cluster, &n).await;
+    outcome
+}
+
+async fn ipv6_in(env: &Env<'_>, n: &str, dir: &Path) -> Result<String> {
+    let cluster = env.cluster;
+    let api = deployment(
+        "api",
+        1,
+        json!({}),
+        json!([app_container(
+            &env.images.app,
+            json!([{"name": "http", "containerPort": 8080}]),
+            json!(8080),
+            json!([]),
+        )]),
+        json!({}),
+    );
+    let mut svc = service("api", json!([{"port": 80, "targetPort": 8080}]));
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    apply(cluster, n, &[api, svc, client_pod(&env.images.client)]).await?;
+    rollout(cluster, n, "api").await?;
+    client_ready(cluster, n).await?;
+    let ips = cluster
+        .kubectl(&[
+            "-n",
+            n,
+            "get",
+            "service",
+            "api",
+            "-o",
+            "jsonpath={.spec.clusterIPs[*]}",
+        ])
+        .await?;
+    let ips: Vec<&str> = ips.split_whitespace().collect();
+    ensure!(
+        ips.len() == 2 && ips[1].parse::<std::net::Ipv6Addr>().is_ok(),
+        "ClusterIPs of api: {ips:?}"
+    );
+    let (url4, url6) = (
+        format!("http://{}/", ips[0]),
+        format!("http://[{}]/", ips[1]),
+    );
+    let before = get_from_client(cluster, n, &url6).await?;
+    ensure!(
+        before.starts_with("cluster api-"),
+        "before, over IPv6: {before:?}"
+    );
+
+    let t0 = Instant::now();
+    cluster
+        .kubectl(&[
+            "-n",
+            n,
+            "annotate",
+            "deployment",
+            "api",
+            "kips.io/redirect=api:8080",
+        ])
+        .await?;
+    let laptop = http_app("laptop").await?;
+    let port_map = format!("8080={laptop}");
+    let mut connect = kips_connect(
+        dir,
+        cluster.kubeconfig(),
+        n,
+        "deployment/api",
+        &["--port-map", &port_map],
+    )?;
+    let checks = async {
+        until_answer("the Service over IPv6", "laptop", || {
+            client_get(cluster, n, &url6)
+        })
+        .await?;
+        let to_laptop = t0.elapsed();
+        rollout(cluster, n, "api").await?;
+        let pods = injected_pods(cluster, n, "app=api", 1, true).await?;
+        let pod_ips: Vec<String> = pods[0]
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|ip| ip.ip)
+            .collect();
+        ensure!(
+            pod_ips
+                .iter()
+                .any(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+            "the pod has no IPv6 address: {pod_ips:?}"
+        );
+        for _ in 0..5 {
+            let (six, four) = (
+                client_get(cluster, n, &url6).await?,
+                client_get(cluster, n, &url4).await?,
+            );
+            ensure!(
+                six == "laptop" && four == "laptop",
+                "redirected, the Service answered {six:?} (IPv6) and {four:?} (IPv4)"
+            );
+        }
+        probes_reach_the_app(cluster, n, "app=api", 4).await?;
+        anyhow::Ok((to_laptop, pod_ips))
+    }
+    .await;
+    let (to_laptop, pod_ips) =
+        checks.with_context(|| format!("kips connect:\n{}", connect.log_text()))?;
+    interrupt_cleanly(&mut connect).await?;
+    Ok(format!(
+        "redirect-to-laptop over IPv6 {:.1} s; ClusterIPs {ips:?}; pod IPs {pod_ips:?}",
+        to_laptop.as_secs_f64()
     ))
 }

@@ -266,8 +266,10 @@ async fn done_with(cluster: &Cluster, n: &str) {
         .await;
 }
 
-/// Every live pod of `selector`: injected, kips-bridge running and ready as a native
-/// sidecar, kips-init present (and completed) exactly when `with_init`.
+/// Every pod of `selector`, once the rollout's old pods are gone (not merely terminating:
+/// until then kube-proxy may still send a connection to a pod whose network is torn down,
+/// which a user sees as a timeout, with or without kips): injected, kips-bridge running and
+/// ready as a native sidecar, kips-init present (and completed) exactly when `with_init`.
 async fn injected_pods(
     cluster: &Cluster,
     n: &str,
@@ -276,16 +278,24 @@ async fn injected_pods(
     with_init: bool,
 ) -> Result<Vec<Pod>> {
     let client = cluster.client()?;
-    let pods = eventually(&format!("{count} running pods of {selector}"), WAIT, || {
-        let client = client.clone();
-        async move {
-            let pods = live_pods(&client, n, selector).await?;
-            let running = pods
-                .iter()
-                .all(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
-            Ok((pods.len() == count && running).then_some(pods))
-        }
-    })
+    let pods = eventually(
+        &format!("only {count} running pods of {selector}"),
+        WAIT,
+        || {
+            let client = client.clone();
+            async move {
+                let pods = kube::Api::<Pod>::namespaced(client, n)
+                    .list(&kube::api::ListParams::default().labels(selector))
+                    .await?
+                    .items;
+                let running = pods.iter().all(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                });
+                Ok((pods.len() == count && running).then_some(pods))
+            }
+        },
+    )
     .await?;
     for pod in &pods {
         let name = pod.name_any();

@@ -7,7 +7,12 @@
 //	                          ignored, so the same binary stands in for a sidecar whose
 //	                          arguments are meant for another program. Every request is logged
 //	                          with its source address, which tells who reached which container.
+//	                          With $UDP_LISTEN set it also answers every UDP datagram there
+//	                          with "$ANSWER <hostname>".
 //	testapp get URL           GET URL and print the body; exit 1 on an error or a non-2xx.
+//	testapp echo ADDR         TCP echo server on ADDR: every connection gets its bytes back.
+//	testapp udp ADDR MESSAGE  send MESSAGE in one UDP datagram to ADDR and print the answer;
+//	                          exit 1 when none comes within 3 s.
 package main
 
 import (
@@ -15,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -36,13 +42,23 @@ func main() {
 			usage()
 		}
 		os.Exit(get(os.Args[2]))
+	case "echo":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		echo(os.Args[2])
+	case "udp":
+		if len(os.Args) != 4 {
+			usage()
+		}
+		os.Exit(udp(os.Args[2], os.Args[3]))
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL")
+	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL | testapp echo ADDR | testapp udp ADDR MESSAGE")
 	os.Exit(2)
 }
 
@@ -85,6 +101,9 @@ func serve(args []string) {
 		defer cancel()
 		_ = server.Shutdown(ctx)
 	}()
+	if udpListen := env("UDP_LISTEN", ""); udpListen != "" {
+		go udpServe(udpListen, answer+" "+host+"\n")
+	}
 	log.Printf("answering %q on %s (args: %s)", answer, listen, strings.Join(args, " "))
 	if err := server.ListenAndServe(); err != nil && err != http.ErrServerClosed {
 		log.Fatal(err)
@@ -109,5 +128,63 @@ func get(url string) int {
 		fmt.Fprintf(os.Stderr, "%s: %s\n", url, resp.Status)
 		return 1
 	}
+	return 0
+}
+
+func udpServe(addr, answer string) {
+	conn, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		log.Fatalf("udp %s: %v", addr, err)
+	}
+	log.Printf("answering %q on udp %s", strings.TrimSpace(answer), addr)
+	buf := make([]byte, 65536)
+	for {
+		n, from, err := conn.ReadFrom(buf)
+		if err != nil {
+			log.Fatalf("udp %s: %v", addr, err)
+		}
+		log.Printf("udp %d bytes from %s", n, from)
+		_, _ = conn.WriteTo([]byte(answer), from)
+	}
+}
+
+func echo(addr string) {
+	listener, err := net.Listen("tcp", addr)
+	if err != nil {
+		log.Fatalf("echo %s: %v", addr, err)
+	}
+	log.Printf("echoing on %s", addr)
+	for {
+		conn, err := listener.Accept()
+		if err != nil {
+			log.Fatalf("echo %s: %v", addr, err)
+		}
+		log.Printf("echo connection from %s", conn.RemoteAddr())
+		go func() {
+			defer conn.Close()
+			_, _ = io.Copy(conn, conn)
+		}()
+	}
+}
+
+func udp(addr, message string) int {
+	conn, err := net.Dial("udp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte(message)); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 65536)
+	n, err := conn.Read(buf)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	os.Stdout.Write(buf[:n])
 	return 0
 }

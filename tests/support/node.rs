@@ -88,6 +88,14 @@ use super::control_plane::{
 
 /// The node's name (kubelet `--hostname-override`, its certificate's `system:node:<name>`).
 pub const NODE_NAME: &str = "kips-node";
+/// A dual-stack node's IPv6 pod range ([`Cluster::start_dual_stack`]): a ULA prefix that
+/// exists only inside the node's netns.
+pub const POD_CIDR_V6: &str = "fd6b:6970:7300:244::/64";
+/// The IPv6 pods' gateway on the node's bridge.
+pub const POD_GATEWAY_V6: &str = "fd6b:6970:7300:244::1";
+/// A dual-stack node's IPv6 Service range (the API server's second
+/// `--service-cluster-ip-range`).
+pub const SERVICE_CIDR_V6: &str = "fd6b:6970:7300:5e::/112";
 /// The port on [`Cluster::host_address`] that forwards to the API server (for the node).
 pub const API_PORT_ON_HOST_ADDRESS: u16 = 6443;
 const TAG_PREFIX: &str = "kips-node-";
@@ -138,12 +146,13 @@ pub struct Images {
     pub kips_init: String,
     /// The sandbox image containerd is pinned to.
     pub pause: String,
-    /// `testapp serve`: answers `cluster <pod name>` on :8080 (env `ANSWER`, `LISTEN`).
+    /// `testapp serve`: answers `cluster <pod name>` on :8080 (env `ANSWER`, `LISTEN`, and
+    /// `UDP_LISTEN` for UDP); `testapp echo ADDR` is a TCP echo.
     pub app: String,
     /// `testapp serve` as user 65532 answering `sidecar <pod name>` on :15100, ignoring its
     /// arguments (shown at `/args`): a stand-in for kips-bridge.
     pub bridge_standin: String,
-    /// busybox (`sh`, `nc`) and `testapp get URL`.
+    /// busybox (`sh`, `nc`) and testapp (`get URL`, `udp ADDR MESSAGE`, `echo ADDR`).
     pub client: String,
 }
 
@@ -213,19 +222,31 @@ pub struct Cluster {
     node_ready_after: Duration,
     started_after: Duration,
     stopped: bool,
+    dual_stack: bool,
 }
 
 impl Cluster {
     /// Builds (or finds) the binaries and images, starts the control plane, the scheduler
     /// and the node, imports the images, and waits until the node is Ready.
     pub async fn start() -> Result<Cluster> {
+        Self::start_with(false).await
+    }
+
+    /// [`Cluster::start`] with IPv6 beside IPv4: pods get an address of each family
+    /// ([`POD_CIDR_V6`]), Services may ask for both ([`SERVICE_CIDR_V6`]), kube-proxy
+    /// programs both; everything IPv6 stays inside the node's netns.
+    pub async fn start_dual_stack() -> Result<Cluster> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(dual_stack: bool) -> Result<Cluster> {
         if let Some(reason) = skip_reason() {
             bail!("cannot start a node: {reason}");
         }
         let t0 = Instant::now();
         let bin_dir = tokio::task::spawn_blocking(bin_dir).await??;
         tokio::task::spawn_blocking(sweep_stale).await?;
-        let footprint = tokio::task::spawn_blocking(create_network).await??;
+        let footprint = tokio::task::spawn_blocking(move || create_network(dual_stack)).await??;
         let mut cluster = Cluster {
             footprint,
             procs: Vec::new(),
@@ -236,6 +257,7 @@ impl Cluster {
             node_ready_after: Duration::ZERO,
             started_after: Duration::ZERO,
             stopped: false,
+            dual_stack,
         };
         // From here on, an error drops `cluster`, which tears down what was made.
         let fp = cluster.footprint.clone();
@@ -246,19 +268,24 @@ impl Cluster {
             common_name: cn.into(),
             organisations: orgs.iter().map(|o| (*o).to_owned()).collect(),
         };
+        let apiserver_args: Vec<String> = vec![
+            // The API server dials kubelets by node name through the machine's
+            // resolver otherwise, which must not (and cannot) see this node.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            "--kubelet-client-certificate=admin.crt".into(),
+            "--kubelet-client-key=admin.key".into(),
+        ];
         let cp = ControlPlane::start_with(&Options {
             apiserver_sans: vec![
                 host.to_string(),
                 kubernetes_service_ip(fp.subnet).to_string(),
             ],
-            service_cidr: Some(service_cidr(fp.subnet)),
-            apiserver_args: vec![
-                // The API server dials kubelets by node name through the machine's
-                // resolver otherwise, which must not (and cannot) see this node.
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                "--kubelet-client-certificate=admin.crt".into(),
-                "--kubelet-client-key=admin.key".into(),
-            ],
+            service_cidr: Some(if dual_stack {
+                format!("{},{SERVICE_CIDR_V6}", service_cidr(fp.subnet))
+            } else {
+                service_cidr(fp.subnet)
+            }),
+            apiserver_args,
             // The defaults: endpointslice feeds kube-proxy, node-lifecycle lifts the
             // not-ready taint.
             controllers: Some(vec!["*".into()]),
@@ -344,7 +371,11 @@ impl Cluster {
                 format!("--kubeconfig={}", dir.join("kubelet.kubeconfig").display()),
                 format!("--root-dir={}", dir.join("kubelet").display()),
                 format!("--cert-dir={}", dir.join("kubelet/pki").display()),
-                format!("--node-ip={}", node_ip(fp.subnet)),
+                if dual_stack {
+                    format!("--node-ip={},{}", node_ip(fp.subnet), node_ip_v6(fp.subnet))
+                } else {
+                    format!("--node-ip={}", node_ip(fp.subnet))
+                },
                 format!("--hostname-override={NODE_NAME}"),
                 "--v=1".into(),
             ],
@@ -640,6 +671,15 @@ disabled_plugins = [
             pause = self.images.pause,
         );
         fs::write(dir.join("containerd/config.toml"), containerd)?;
+        let mut ranges = vec![serde_json::json!([{
+            "subnet": pod_cidr(self.footprint.subnet),
+            "gateway": pod_gateway(self.footprint.subnet).to_string(),
+        }])];
+        let mut routes = vec![serde_json::json!({"dst": "0.0.0.0/0"})];
+        if self.dual_stack {
+            ranges.push(serde_json::json!([{"subnet": POD_CIDR_V6, "gateway": POD_GATEWAY_V6}]));
+            routes.push(serde_json::json!({"dst": "::/0"}));
+        }
         let cni = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": self.footprint.tag,
@@ -652,11 +692,8 @@ disabled_plugins = [
                     "hairpinMode": true,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{
-                            "subnet": pod_cidr(self.footprint.subnet),
-                            "gateway": pod_gateway(self.footprint.subnet).to_string(),
-                        }]],
-                        "routes": [{"dst": "0.0.0.0/0"}]
+                        "ranges": ranges,
+                        "routes": routes
                     }
                 },
                 {"type": "portmap", "capabilities": {"portMappings": true}}
@@ -727,7 +764,7 @@ mode: iptables
 clientConnection:
   kubeconfig: {kubeconfig}
 hostnameOverride: {NODE_NAME}
-clusterCIDR: {pod_cidr}
+clusterCIDR: {cluster_cidr}
 detectLocalMode: ClusterCIDR
 # Global conntrack sysctls are not the test's to change.
 conntrack:
@@ -740,7 +777,11 @@ healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 "#,
             kubeconfig = d("kube-proxy.kubeconfig"),
-            pod_cidr = pod_cidr(self.footprint.subnet),
+            cluster_cidr = if self.dual_stack {
+                format!("{},{POD_CIDR_V6}", pod_cidr(self.footprint.subnet))
+            } else {
+                pod_cidr(self.footprint.subnet)
+            },
         );
         fs::write(dir.join("kube-proxy.yaml"), proxy)?;
         Ok(())
@@ -1013,6 +1054,12 @@ fn service_cidr(subnet: u8) -> String {
     format!("10.96.{subnet}.0/24")
 }
 
+/// A dual-stack node's IPv6 address, on the netns side of the veth only (the host end has
+/// no IPv6 address of ours, so nothing IPv6 leaves the netns).
+fn node_ip_v6(subnet: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd6b, 0x6970, 0x7300, 0x213, 0, 0, subnet.into(), 2)
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -1146,7 +1193,7 @@ fn images_from(tarballs: &[(String, String, PathBuf)]) -> Result<Images> {
 
 /// Picks a free 10.213.N.0/24 (under a machine-wide lock, so parallel runs never share one),
 /// creates the node netns, the veth pair and the pods' bridge.
-fn create_network() -> Result<Footprint> {
+fn create_network(dual_stack: bool) -> Result<Footprint> {
     static K: AtomicU32 = AtomicU32::new(1);
     let pid = std::process::id();
     let k = K.fetch_add(1, Ordering::Relaxed);
@@ -1240,6 +1287,46 @@ fn create_network() -> Result<Footprint> {
                 "net.bridge.bridge-nf-call-iptables=1",
             ],
         )?;
+        if dual_stack {
+            let node6 = format!("{}/64", node_ip_v6(subnet));
+            let gateway6 = format!("{POD_GATEWAY_V6}/64");
+            run(
+                "ip",
+                &["-n", n, "-6", "addr", "add", &node6, "dev", "eth0", "nodad"],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n", n, "-6", "addr", "add", &gateway6, "dev", "cni0", "nodad",
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    n,
+                    "-6",
+                    "route",
+                    "add",
+                    SERVICE_CIDR_V6,
+                    "dev",
+                    "cni0",
+                ],
+            )?;
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    n,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.bridge.bridge-nf-call-ip6tables=1",
+                ],
+            )?;
+        }
         Ok(inode)
     };
     match setup() {

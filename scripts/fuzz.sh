@@ -40,7 +40,10 @@ done
 
 # Per target: its dictionary and the largest input libFuzzer makes (seeds above it are cut).
 declare -A dict=([review]=dict/admission.dict [annotations]=dict/annotations.dict [inject_yaml]=dict/admission.dict)
-declare -A max_len=([review]=32768 [review_structured]=8192 [annotations]=512 [inject_yaml]=16384)
+declare -A max_len=([review]=32768 [review_structured]=8192 [annotations]=512 [inject_yaml]=16384
+    [bridge_command_line]=4096 [bridge_codecs]=65536)
+# The codecs must never allocate by a declared length: a low ceiling catches it.
+declare -A rss_limit=([bridge_codecs]=256)
 
 # Seeds, written afresh from the fixtures every run (the corpus keeps what the runs found).
 rm -rf seeds
@@ -88,6 +91,30 @@ for key, list_ in examples.items():
         index += 1
 write("annotations", "all", "".join(f"{k}\t{v[0]}\n" for k, v in examples.items()))
 write("annotations", "both-ways", "kips.io/redirect\tapi:8080\nkips.io/reverse\t API=db:5432\n")
+# kips bridge: the -L/-T expressions kips renders and azbridge documents, and connection
+# strings; one per line.
+expressions = [
+    "0.0.0.0:15100/8080:api", "[::]:15100/8080;[::]:15101/9090:api", "15100/8080:api",
+    "127.0.0.1:5353U/5353.udp:dns", "localhost:8080:api", "[::1]:80/http:web",
+    "api:8080/localhost:43877", "api:8080/127.0.0.1:8080;9090/localhost:9090",
+    "dns:5353.udp/127.0.0.1:5353U", "db:db/db.shop.svc:5432", "relay:[::1]:80", "api:http/host:80",
+    "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=root;SharedAccessKey=a2lwcy1rZXk=",
+    "Endpoint=sb://127.0.0.1:9400/;SharedAccessKeyName=root;SharedAccessKey=abcdefgh;EntityPath=api",
+    "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessSignature=SharedAccessSignature sr=x&sig=y&se=1&skn=root",
+]
+for index, line in enumerate(expressions):
+    write("bridge_command_line", f"example-{index}", line + "\n")
+write("bridge_command_line", "all", "\n".join(expressions) + "\n")
+# bridge_codecs: first byte even = a preamble, odd = a chunk size and framed datagrams.
+def preamble(mode, name):
+    raw = name.encode()
+    return bytes([1, 0, mode, len(raw)]) + raw
+for index, (mode, name) in enumerate([(0, "8080"), (1, "5353.udp"), (0, "http"), (0, "")]):
+    write("bridge_codecs", f"preamble-{index}", bytes([0]) + preamble(mode, name) + b"GET / HTTP/1.1\r\n")
+write("bridge_codecs", "preamble-old-version", bytes([0, 2, 0, 0]))
+def frame(payload):
+    return len(payload).to_bytes(2, "big") + payload
+write("bridge_codecs", "datagrams", bytes([1, 3]) + frame(b"hello") + frame(b"") + frame(bytes(300)) + b"\x00")
 PY
 
 echo "building the fuzz targets ($toolchain, release with debug assertions)..." >&2
@@ -103,11 +130,14 @@ summary=logs/summary.md
     echo "| target | seconds run | executions | exec/s | corpus units | new units | peak RSS MB | findings |"
     echo "|---|---:|---:|---:|---:|---:|---:|---|"
 } >"$summary"
-for target in "${targets[@]}"; do
+# One target's run; its row of the summary goes to logs/<target>.row, a finding or a failed
+# run to logs/<target>.failed.
+fuzz_one() {
+    local target=$1 seeds=() options log before started status runs rate added rss units findings after
     mkdir -p "corpus/$target" "artifacts/$target"
-    seeds=()
+    rm -f "logs/$target.row" "logs/$target.failed"
     [[ -d seeds/$target ]] && seeds=("seeds/$target")
-    options=(-max_total_time="$seconds" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048
+    options=(-max_total_time="$seconds" -print_final_stats=1 -timeout=10 -rss_limit_mb="${rss_limit[$target]:-2048}"
         -max_len="${max_len[$target]:-4096}" -artifact_prefix="artifacts/$target/")
     [[ -n ${dict[$target]:-} ]] && options+=(-dict="${dict[$target]}")
     log=logs/$target.log
@@ -123,14 +153,25 @@ for target in "${targets[@]}"; do
     added=$(final_stat new_units_added)
     rss=$(final_stat peak_rss_mb)
     units=$(find "corpus/$target" -type f | wc -l)
-    findings=$(find "artifacts/$target" -type f -newer "logs/.$target.start" 2>/dev/null | xargs -r -n1 basename | paste -sd' ' || true)
-    after=$(find "artifacts/$target" -type f | wc -l)
+    findings=$(find "artifacts/$target" -maxdepth 1 -type f -newer "logs/.$target.start" 2>/dev/null | xargs -r -n1 basename | paste -sd' ' || true)
+    after=$(find "artifacts/$target" -maxdepth 1 -type f | wc -l)
     if ((status != 0 || after > before)); then
-        failed=1
+        touch "logs/$target.failed"
         [[ -n $findings ]] || findings="exit $status, see fuzz/$log"
         grep -m3 -E "panicked at|ERROR: libFuzzer|SUMMARY" "$log" >&2 || true
     fi
-    echo "| $target | $((SECONDS - started)) | $runs | $rate | $units | $added | $rss | ${findings:-none} |" >>"$summary"
+    echo "| $target | $((SECONDS - started)) | $runs | $rate | $units | $added | $rss | ${findings:-none} |" >"logs/$target.row"
+}
+# KIPS_FUZZ_PARALLEL=1: every target at once (as many processes as targets), else in turn.
+if [[ ${KIPS_FUZZ_PARALLEL:-0} == 1 ]]; then
+    for target in "${targets[@]}"; do fuzz_one "$target" & done
+    wait
+else
+    for target in "${targets[@]}"; do fuzz_one "$target"; done
+fi
+for target in "${targets[@]}"; do
+    cat "logs/$target.row" >>"$summary"
+    [[ -e logs/$target.failed ]] && failed=1
 done
 cat "$summary"
 echo "summary: fuzz/$summary" >&2

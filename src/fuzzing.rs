@@ -68,3 +68,59 @@ pub fn inject_config(
         ..InjectConfig::default()
     }
 }
+
+/// The azbridge preamble a sender writes for `name` (at most 255 bytes), `datagram` or not.
+pub fn preamble_request(datagram: bool, name: &str) -> Vec<u8> {
+    crate::bridge::preamble::request(preamble_mode(datagram), name)
+}
+
+/// What a listener reads at the start of a connection: `None` while incomplete, `Some(Err(()))`
+/// for a version or mode it does not speak, else the mode (`true`: datagrams), the port name
+/// and how many bytes were the preamble.
+#[allow(clippy::result_unit_err)]
+pub fn parse_preamble(bytes: &[u8]) -> Option<Result<(bool, String, usize), ()>> {
+    use crate::bridge::preamble::{Mode, ParsedRequest};
+    match crate::bridge::preamble::parse_request(bytes) {
+        ParsedRequest::Incomplete => None,
+        ParsedRequest::UnsupportedVersion => Some(Err(())),
+        ParsedRequest::Request {
+            mode,
+            name,
+            consumed,
+        } => Some(Ok((mode == Mode::Datagram, name, consumed))),
+    }
+}
+
+/// The listener's 3-byte answers: every byte triple it parses encodes back to itself.
+pub fn preamble_reply_round_trip(bytes: [u8; 3]) -> Option<[u8; 3]> {
+    crate::bridge::preamble::Reply::parse(bytes).map(|reply| reply.bytes())
+}
+
+fn preamble_mode(datagram: bool) -> crate::bridge::preamble::Mode {
+    use crate::bridge::preamble::Mode;
+    if datagram {
+        Mode::Datagram
+    } else {
+        Mode::Stream
+    }
+}
+
+/// azbridge's datagram framing (2-byte big-endian length, then the payload): `None` for a
+/// payload over 65,535 bytes.
+pub fn frame_datagram(payload: &[u8]) -> Option<Vec<u8>> {
+    crate::bridge::forward::datagram::frame(payload)
+}
+
+/// Feeds `chunks` to the datagram decoder as a WebSocket would deliver them, taking every
+/// datagram as soon as it is complete; returns the datagrams and the bytes left buffered.
+pub fn decode_datagrams<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Vec<u8>>, usize) {
+    let mut decoder = crate::bridge::forward::datagram::Decoder::default();
+    let mut datagrams = Vec::new();
+    for chunk in chunks {
+        decoder.push(chunk);
+        while let Some(datagram) = decoder.next_datagram() {
+            datagrams.push(datagram.to_vec());
+        }
+    }
+    (datagrams, decoder.buffered())
+}

@@ -49,6 +49,11 @@ impl Decoder {
         self.buffer.extend_from_slice(bytes);
     }
 
+    /// Bytes received that are not yet a whole datagram.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
     pub(crate) fn next_datagram(&mut self) -> Option<Bytes> {
         let len = usize::from(u16::from_be_bytes([
             *self.buffer.first()?,

@@ -8,6 +8,9 @@
 //	                          arguments are meant for another program. Every request is logged
 //	                          with its source address, which tells who reached which container.
 //	testapp get URL           GET URL and print the body; exit 1 on an error or a non-2xx.
+//	testapp timed-get URL     GET URL (a new connection, 5 s limit) and print one line:
+//	                          "<ms> ms ok <status> <body>" or "<ms> ms error <error>"; exit 0
+//	                          either way (the time is what it is for).
 package main
 
 import (
@@ -36,13 +39,18 @@ func main() {
 			usage()
 		}
 		os.Exit(get(os.Args[2]))
+	case "timed-get":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		timedGet(os.Args[2])
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL")
+	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL | testapp timed-get URL")
 	os.Exit(2)
 }
 
@@ -110,4 +118,24 @@ func get(url string) int {
 		return 1
 	}
 	return 0
+}
+
+func timedGet(url string) {
+	client := &http.Client{
+		Timeout:   5 * time.Second,
+		Transport: &http.Transport{DisableKeepAlives: true},
+	}
+	start := time.Now()
+	resp, err := client.Get(url)
+	var body []byte
+	if err == nil {
+		body, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	ms := time.Since(start).Milliseconds()
+	if err != nil {
+		fmt.Printf("%d ms error %v\n", ms, err)
+		return
+	}
+	fmt.Printf("%d ms ok %d %s\n", ms, resp.StatusCode, strings.TrimSpace(string(body)))
 }

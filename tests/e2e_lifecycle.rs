@@ -382,7 +382,28 @@ async fn workload_round_trip(
     env.rollout(&workload).await?;
     env.wait_plain(name, count).await?;
     env.all_answers(&url, &cluster_answer, 10).await?;
-    // Nothing of kips is left on the workload, and status has no row for it.
+    // Nothing of kips is left on the workload, and status says so.
+    let out = tokio::process::Command::new(KIPS)
+        .args([
+            "status",
+            &workload,
+            "-n",
+            &env.n,
+            "--kubeconfig",
+            &env.kubeconfig,
+        ])
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1)
+            && stderr.contains(&format!(
+                "{workload} in namespace {} is not redirected",
+                env.n
+            )),
+        "kips status {workload} after the revert: {}: {stderr}",
+        out.status
+    );
     let stored = env.kubectl(&["get", kind, name, "-o", "json"]).await?;
     let stored: Value = serde_json::from_str(&stored)?;
     for annotations in [
@@ -552,8 +573,8 @@ async fn gitops_and_the_laptop_going_away(env: &Env<'_>) -> Result<()> {
         .await
         .with_context(|| format!("kips connect:\n{}", connect.log_text()))?;
     say(format!(
-        "lifecycle: laptop back: the client got \"laptop\" {:.1} s after kips connect started",
-        back.as_secs_f64()
+        "lifecycle: laptop back: the client got \"laptop\" {} ms after kips connect started",
+        back.as_millis()
     ));
     ensure!(back < Duration::from_secs(10), "took {back:?}");
     env.all_answers(&url, "laptop", 5).await?;

@@ -4,10 +4,12 @@
 //!
 //! 5. StatefulSet `web` (2 replicas) and DaemonSet `agent` (the node's one pod), each behind
 //!    a Service: redirected (`kubectl annotate statefulset web ...`, `kips redirect
-//!    daemonset/agent ... --wait`), the client pod gets "laptop" through the Service and
+//!    daemonset/agent ... --wait`), the webhook's RedirectOn Event is on the workload, the
+//!    client pod gets "laptop" through the Service and
 //!    `kips status <kind>/<name>` shows the listener connected; reverted (`kips revert
-//!    statefulset/web --wait`, `kubectl annotate daemonset agent kips.io/redirect-`), the
-//!    client gets the cluster's app again and the pods are plain.
+//!    statefulset/web --wait`, `kubectl annotate daemonset agent kips.io/redirect-`), a
+//!    RedirectOff Event, the client gets the cluster's app again, the pods are plain and
+//!    `kips status <kind>/<name>` exits 1 saying it is not redirected.
 //! 6. GitOps: Deployment `gitops` applied with `kips.io/redirect` in its pod template: the pods
 //!    are injected, the laptop answers, the stored template keeps the annotation after the
 //!    rollout, and `kips revert deployment/gitops` refuses (exit 1) saying to edit the
@@ -178,6 +180,30 @@ impl Env<'_> {
         .await
     }
 
+    /// The note of the newest Event `reason` on `kind`/`name`, as `kubectl get events` shows
+    /// it.
+    async fn event(&self, kind: &str, name: &str, reason: &str) -> Result<String> {
+        eventually(
+            &format!("a {reason} Event on {kind}/{name}"),
+            WAIT,
+            || async {
+                let out = self.kubectl(&["get", "events", "-o", "json"]).await?;
+                let list: Value = serde_json::from_str(&out)?;
+                Ok(list["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .rfind(|e| {
+                        e["reason"] == reason
+                            && e["involvedObject"]["kind"] == kind
+                            && e["involvedObject"]["name"] == name
+                    })
+                    .map(|e| e["message"].as_str().unwrap_or_default().to_owned()))
+            },
+        )
+        .await
+    }
+
     /// `kips status <workload>`'s listener lines (`<pod> <relay> <listener ...>`), by pod.
     async fn listeners(&self, workload: &str) -> Result<(String, Vec<(String, String)>)> {
         let out = self.kips(&["status", workload]).await?;
@@ -210,11 +236,15 @@ async fn scenarios(cluster: &Cluster) -> Result<()> {
     let client = cluster.client()?;
     let images = cluster.images();
     let dir = tempfile::Builder::new().prefix("kips-life-").tempdir()?;
+    // Cluster hooks on: the webhook records RedirectOn/RedirectOff Events on the workloads.
+    let kubeconfig = format!("--kubeconfig={}", cluster.kubeconfig().display());
     let _webhook = KipsWebhook::start(
         cp,
         "kips",
         None,
         &[
+            "--cluster-hooks=on",
+            &kubeconfig,
             "--bridge-engine",
             "kips",
             "--bridge-image",
@@ -329,6 +359,14 @@ async fn workload_round_trip(
             .await?;
         ensure!(out.contains("pods injected and ready"), "{out}");
     }
+    let kind_name = if by_kubectl {
+        "StatefulSet"
+    } else {
+        "DaemonSet"
+    };
+    let on = env.event(kind_name, name, "RedirectOn").await?;
+    say(format!("lifecycle: Event RedirectOn on {workload}: {on}"));
+    ensure!(on.starts_with("kips: redirection on"), "{on}");
     let mut connect = env.connect(&workload)?;
     let to_laptop = env
         .first_answer(&url, "laptop", t0)
@@ -372,6 +410,9 @@ async fn workload_round_trip(
             .await?;
     }
     let to_cluster = env.first_answer(&url, &cluster_answer, t1).await?;
+    let off = env.event(kind_name, name, "RedirectOff").await?;
+    say(format!("lifecycle: Event RedirectOff on {workload}: {off}"));
+    ensure!(off.starts_with("kips: redirection off"), "{off}");
     ensure!(
         connect.is_running(),
         "kips connect ended:\n{}",

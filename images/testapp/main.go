@@ -13,6 +13,9 @@
 //	testapp echo ADDR         TCP echo server on ADDR: every connection gets its bytes back.
 //	testapp udp ADDR MESSAGE  send MESSAGE in one UDP datagram to ADDR and print the answer;
 //	                          exit 1 when none comes within 3 s.
+//	testapp timed-get URL     GET URL (a new connection, 5 s limit) and print one line:
+//	                          "<ms> ms ok <status> <body>" or "<ms> ms error <error>"; exit 0
+//	                          either way (the time is what it is for).
 package main
 
 import (
@@ -52,13 +55,18 @@ func main() {
 			usage()
 		}
 		os.Exit(udp(os.Args[2], os.Args[3]))
+	case "timed-get":
+		if len(os.Args) != 3 {
+			usage()
+		}
+		timedGet(os.Args[2])
 	default:
 		usage()
 	}
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL | testapp echo ADDR | testapp udp ADDR MESSAGE")
+	fmt.Fprintln(os.Stderr, "usage: testapp serve [ARGS...] | testapp get URL | testapp timed-get URL | testapp echo ADDR | testapp udp ADDR MESSAGE")
 	os.Exit(2)
 }
 
@@ -187,4 +195,24 @@ func udp(addr, message string) int {
 	}
 	os.Stdout.Write(buf[:n])
 	return 0
+}
+
+func timedGet(url string) {
+	client := &http.Client{
+		Timeout:   5 * time.Second,
+		Transport: &http.Transport{DisableKeepAlives: true},
+	}
+	start := time.Now()
+	resp, err := client.Get(url)
+	var body []byte
+	if err == nil {
+		body, err = io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	ms := time.Since(start).Milliseconds()
+	if err != nil {
+		fmt.Printf("%d ms error %v\n", ms, err)
+		return
+	}
+	fmt.Printf("%d ms ok %d %s\n", ms, resp.StatusCode, strings.TrimSpace(string(body)))
 }

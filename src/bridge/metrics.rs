@@ -70,6 +70,7 @@ pub(crate) struct BridgeMetrics {
     pub datagrams: Family<BytesLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub listener_present: Family<BindingLabels, Gauge<i64, AtomicI64>>,
+    pub listener_checked: Family<BindingLabels, Gauge<i64, AtomicI64>>,
     pub listener_online: Family<ListenerLabels, Gauge<i64, AtomicI64>>,
     pub credentials_accepted: Family<RelayLabels, Gauge<i64, AtomicI64>>,
 }
@@ -84,11 +85,22 @@ pub(crate) struct BindingMetrics {
     pub datagrams_to_relay: Counter,
     pub datagrams_from_relay: Counter,
     pub listener_present: Gauge<i64, AtomicI64>,
+    /// Unix time (seconds) of the last connect that told whether a listener was there.
+    pub listener_checked: Gauge<i64, AtomicI64>,
     failures: Family<FailureLabels, Counter>,
     labels: BindingLabels,
 }
 
 impl BindingMetrics {
+    /// What the last connect found: a listener (`true`) or the relay's "no listener".
+    pub fn listener_found(&self, present: bool) {
+        self.listener_present.set(i64::from(present));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.listener_checked.set(now);
+    }
+
     pub fn failure(&self, reason: &'static str) {
         self.failures
             .get_or_create(&FailureLabels {
@@ -137,6 +149,12 @@ impl BridgeMetrics {
             "1 if the last connect of this -L binding found a listener on the relay, 0 if it found none",
             listener_present.clone(),
         );
+        let listener_checked = Family::<BindingLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "listener_checked_timestamp_seconds",
+            "Unix time of the last connect of this -L binding that told whether a listener was present (0: none yet)",
+            listener_checked.clone(),
+        );
         let listener_online = Family::<ListenerLabels, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "listener_online",
@@ -157,6 +175,7 @@ impl BridgeMetrics {
             datagrams,
             failures,
             listener_present,
+            listener_checked,
             listener_online,
             credentials_accepted,
         }
@@ -183,6 +202,7 @@ impl BridgeMetrics {
         let datagrams_to_relay = self.datagrams.get_or_create(&bytes("to_relay")).clone();
         let datagrams_from_relay = self.datagrams.get_or_create(&bytes("from_relay")).clone();
         let listener_present = self.listener_present.get_or_create(&labels).clone();
+        let listener_checked = self.listener_checked.get_or_create(&labels).clone();
         BindingMetrics {
             connections,
             active,
@@ -191,6 +211,7 @@ impl BridgeMetrics {
             datagrams_to_relay,
             datagrams_from_relay,
             listener_present,
+            listener_checked,
             failures: self.failures.clone(),
             labels,
         }
@@ -214,7 +235,7 @@ mod tests {
         let first = metrics.binding("api", "http", Side::Local);
         let again = metrics.binding("api", "http", Side::Local);
         first.to_relay.inc_by(5);
-        again.listener_present.set(1);
+        again.listener_found(true);
         first.failure("no_listener");
         let text = metrics.encode();
         assert!(text.contains(r#"kips_bridge_payload_bytes_total{relay="api",binding="http",side="local",direction="to_relay"} 5"#), "{text}");
@@ -224,6 +245,11 @@ mod tests {
             ),
             "{text}"
         );
+        let checked = text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"kips_bridge_listener_checked_timestamp_seconds{relay="api",binding="http",side="local"} "#))
+            .and_then(|v| v.parse::<i64>().ok());
+        assert!(checked.is_some_and(|t| t > 1_700_000_000), "{text}");
         assert!(text.contains(r#"kips_bridge_failures_total{relay="api",binding="http",side="local",reason="no_listener"} 1"#), "{text}");
     }
 }

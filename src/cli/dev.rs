@@ -185,6 +185,9 @@ enum OutputFormatArg {
 
 #[derive(Debug, Clone, Args)]
 pub(super) struct StatusArgs {
+    /// Only this workload (<kind>/<name>), with whether the laptop's listener is connected
+    /// as each injected pod's sidecar last saw it.
+    workload: Option<WorkloadRef>,
     /// Every namespace.
     #[arg(short = 'A', long)]
     all_namespaces: bool,
@@ -198,6 +201,7 @@ pub(super) struct StatusArgs {
 impl StatusArgs {
     pub(super) fn into_config(self) -> StatusConfig {
         StatusConfig {
+            workload: self.workload,
             all_namespaces: self.all_namespaces,
             output: self.output.into(),
             kube: self.kube.into(),
@@ -409,5 +413,18 @@ mod tests {
         assert_eq!(config.redirects.as_deref(), Some(" api:08080 "));
         assert!(config.wait);
         assert_eq!(config.timeout, std::time::Duration::from_secs(120));
+    }
+
+    #[test]
+    fn status_takes_an_optional_workload() {
+        let Ok(Command::Status(config)) = parse(&["kips", "status", "sts/web", "-n", "dev"]) else {
+            panic!("status with a workload")
+        };
+        assert_eq!(config.workload, Some("statefulset/web".parse().unwrap()));
+        let Ok(Command::Status(config)) = parse(&["kips", "status", "-A"]) else {
+            panic!("status")
+        };
+        assert_eq!(config.workload, None);
+        assert!(config.all_namespaces);
     }
 }

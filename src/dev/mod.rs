@@ -98,6 +98,8 @@ pub enum OutputFormat {
 /// `kips status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusConfig {
+    /// Only this workload, with its pods' listeners.
+    pub workload: Option<WorkloadRef>,
     pub all_namespaces: bool,
     pub output: OutputFormat,
     pub kube: KubeTarget,
@@ -236,15 +238,10 @@ pub async fn revert(config: RevertConfig) -> Result<()> {
         .copied()
         .filter(|k| object.annotations().contains_key(*k))
         .collect();
-    let gitops = object.kips_annotations().user_template_keys().join(", ");
-    let gitops_message = || {
-        format!(
-            "{target}'s pod template carries {gitops} itself (the GitOps way); kips never removes those: remove them from your manifests"
-        )
-    };
+    let gitops = object.kips_annotations().user_template_keys();
     if present.is_empty() {
         if !gitops.is_empty() {
-            bail!("{}", gitops_message());
+            bail!("{}", gitops_refusal(target, &gitops, false));
         }
         if !config.wait {
             bail!(
@@ -260,7 +257,7 @@ pub async fn revert(config: RevertConfig) -> Result<()> {
     let object = patch_annotations(&kube, target, patch).await?;
     println!("{target}: removed {}", present.join(", "));
     if !gitops.is_empty() {
-        bail!("{}", gitops_message());
+        bail!("{}", gitops_refusal(target, &gitops, true));
     }
     if config.wait {
         let done = rollout::wait(
@@ -276,10 +273,44 @@ pub async fn revert(config: RevertConfig) -> Result<()> {
     Ok(())
 }
 
+/// Why `revert` leaves annotations in the pod template alone, and what to do instead.
+/// `removed`: the workload's own annotations were removed before.
+pub fn gitops_refusal(target: &WorkloadRef, keys: &[&str], removed: bool) -> String {
+    let (keys, them) = match keys {
+        [one] => (format!("{one} is"), "it"),
+        many => (format!("{} are", many.join(", ")), "them"),
+    };
+    format!(
+        "{target}: {keys} set in the pod template (spec.template.metadata.annotations), the GitOps way, and kips never removes {them}: delete {them} from your manifest and apply it; {}",
+        if removed {
+            "the workload's own kips annotations were removed, the pods stay redirected"
+        } else {
+            "nothing was changed"
+        }
+    )
+}
+
 pub async fn status(config: StatusConfig) -> Result<()> {
     let kube = client(&config.kube).await?;
-    let rows = status_rows(&kube, config.all_namespaces).await?;
+    let mut rows = status_rows(&kube, config.all_namespaces && config.workload.is_none()).await?;
+    if let Some(target) = &config.workload {
+        rows.retain(|r| {
+            r.namespace == kube.namespace && r.kind == target.kind.lower() && r.name == target.name
+        });
+        let Some(row) = rows.first_mut() else {
+            // Says "not found" for a workload that does not exist.
+            kube.workload(target).await?;
+            bail!(
+                "{target} in namespace {} is not redirected (no kips annotations, no injected pods)",
+                kube.namespace
+            );
+        };
+        row.listeners = listeners(&kube, target).await?;
+    }
     match config.output {
+        OutputFormat::Json if config.workload.is_some() => {
+            println!("{}", serde_json::to_string_pretty(&rows[0])?)
+        }
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
         OutputFormat::Table if rows.is_empty() => {
             if config.all_namespaces {
@@ -288,9 +319,98 @@ pub async fn status(config: StatusConfig) -> Result<()> {
                 eprintln!("No redirected workloads in namespace {}.", kube.namespace);
             }
         }
-        OutputFormat::Table => print!("{}", status::render_table(&rows)),
+        OutputFormat::Table => {
+            print!("{}", status::render_table(&rows));
+            if let Some(row) = rows.first().filter(|_| config.workload.is_some()) {
+                if row.listeners.is_empty() {
+                    println!("\nNo injected pods running.");
+                } else {
+                    print!("\n{}", status::render_listeners(&row.listeners, unix_now()));
+                }
+            }
+        }
     }
     Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Whether the laptop's listener is connected, per running injected pod of `target` and
+/// redirect relay, as the pod's sidecar last saw it: its `/metrics` on the health port,
+/// read through the API server's pod proxy. Reading it opens no relay connection.
+async fn listeners(kube: &Kube, target: &WorkloadRef) -> Result<Vec<status::Listener>> {
+    let object = kube.workload(target).await?;
+    let selector = object
+        .selector()
+        .map(rollout::selector_string)
+        .unwrap_or_default();
+    let pods: Vec<Pod> = kube
+        .list::<Pod, Pod>(
+            false,
+            &format!("pods of {target}"),
+            &ListParams::default().labels(&selector),
+        )
+        .await?;
+    let mut out = Vec::new();
+    for pod in &pods {
+        let injected = pod.metadata.deletion_timestamp.is_none()
+            && pod
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(annotations::STATUS));
+        let running = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .is_some_and(|p| p == "Running");
+        if !injected || !running {
+            continue;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let metrics = match health_port(pod) {
+            None => Err("no kips health port: the azbridge engine cannot tell".to_owned()),
+            Some(port) => pod_metrics(kube, &name, port).await,
+        };
+        out.extend(status::listeners(
+            &name,
+            metrics.as_deref().map_err(Clone::clone),
+        ));
+    }
+    out.sort_by(|a, b| (&a.pod, &a.relay).cmp(&(&b.pod, &b.relay)));
+    Ok(out)
+}
+
+/// The sidecar's health port (named [`crate::inject::render::HEALTH_PORT_NAME`]).
+fn health_port(pod: &Pod) -> Option<i32> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(crate::inject::render::HEALTH_PORT_NAME))
+        .map(|p| p.container_port)
+}
+
+/// `GET /api/v1/namespaces/{ns}/pods/{pod}:{port}/proxy/metrics`.
+async fn pod_metrics(kube: &Kube, pod: &str, port: i32) -> std::result::Result<String, String> {
+    let path = format!(
+        "/api/v1/namespaces/{}/pods/{pod}:{port}/proxy/metrics",
+        kube.namespace
+    );
+    let request = axum::http::Request::get(path)
+        .body(Vec::new())
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(5), kube.client.request_text(request)).await {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(error)) => Err(format!("its metrics could not be read: {error}")),
+        Err(_) => Err("its metrics did not come within 5s".to_owned()),
+    }
 }
 
 fn has_kips_key(map: Option<&BTreeMap<String, String>>) -> bool {
@@ -373,6 +493,21 @@ mod tests {
             timeout: Duration::from_secs(300),
             kube: KubeTarget::default(),
         }
+    }
+
+    #[test]
+    fn revert_names_the_template_keys_it_leaves_alone() {
+        let target: WorkloadRef = "deployment/api".parse().unwrap();
+        assert_eq!(
+            gitops_refusal(&target, &[REDIRECT], false),
+            "deployment/api: kips.io/redirect is set in the pod template (spec.template.metadata.annotations), the GitOps way, and kips never removes it: delete it from your manifest and apply it; nothing was changed"
+        );
+        let both = gitops_refusal(&target, &[REDIRECT, PORT_MODE], true);
+        assert!(
+            both.starts_with("deployment/api: kips.io/redirect, kips.io/port-mode are set in"),
+            "{both}"
+        );
+        assert!(both.ends_with("kips never removes them: delete them from your manifest and apply it; the workload's own kips annotations were removed, the pods stay redirected"), "{both}");
     }
 
     #[test]

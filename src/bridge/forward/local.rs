@@ -67,12 +67,12 @@ pub(crate) async fn open(
         .await;
     let (mut receiver, sender) = match connected {
         Ok(pair) => {
-            binding.metrics.listener_present.set(1);
+            binding.metrics.listener_found(true);
             pair
         }
         Err(error) => {
             if matches!(error.refusal(), Some(Refusal::NoListener(_))) {
-                binding.metrics.listener_present.set(0);
+                binding.metrics.listener_found(false);
             }
             binding.link.report(&error);
             return Err(error.into());

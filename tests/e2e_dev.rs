@@ -310,6 +310,28 @@ async fn redirect_and_revert_follow_the_rollout_and_status_shows_it() -> Result<
     .await?;
     let (stdout, stderr) = text(&connect);
     ensure!(connect.status.success(), "{stdout}{stderr}");
+    // The built-in bridge by default; azbridge's file form with --azbridge.
+    ensure!(
+        stdout.contains("kips bridge -x <redacted> -T api:8080/localhost:8080"),
+        "{stdout}"
+    );
+    ensure!(!stdout.contains("e2e-s3cr3t"), "the secret leaked");
+    let with_azbridge = kips(
+        cp,
+        &[
+            "connect",
+            "deployment/api",
+            "-n",
+            &ns,
+            "--connection-string-from-secret",
+            "--azbridge",
+            "/usr/local/bin/azbridge",
+            "--print",
+        ],
+    )
+    .await?;
+    let (stdout, stderr) = text(&with_azbridge);
+    ensure!(with_azbridge.status.success(), "{stdout}{stderr}");
     ensure!(
         stdout.contains("azbridge -f '<config.yml>' -T api:8080/localhost:8080"),
         "{stdout}"

@@ -1,6 +1,6 @@
 //! The bridge's Prometheus metrics (on the health port's `/metrics`).
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -91,7 +91,36 @@ pub(crate) struct BindingMetrics {
     labels: BindingLabels,
 }
 
+/// Connections open now across every binding of the process, and whether that number has
+/// come back to zero since [`idle_again`] last said so.
+static OPEN: AtomicI64 = AtomicI64::new(0);
+static BACK_TO_ZERO: AtomicBool = AtomicBool::new(false);
+
+/// True once after the last open connection closed (and none is open now): the moment to hand
+/// the memory the connections used back to the system.
+pub(crate) fn idle_again() -> bool {
+    idle() && BACK_TO_ZERO.swap(false, Ordering::AcqRel)
+}
+
+/// No connection is open now.
+pub(crate) fn idle() -> bool {
+    OPEN.load(Ordering::Acquire) == 0
+}
+
 impl BindingMetrics {
+    /// A connection of this binding opened: `active` and the process-wide count.
+    pub fn opened(&self) {
+        self.active.inc();
+        OPEN.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn closed(&self) {
+        self.active.dec();
+        if OPEN.fetch_sub(1, Ordering::AcqRel) == 1 {
+            BACK_TO_ZERO.store(true, Ordering::Release);
+        }
+    }
+
     /// What the last connect found: a listener (`true`) or the relay's "no listener".
     pub fn listener_found(&self, present: bool) {
         self.listener_present.set(i64::from(present));

@@ -220,7 +220,7 @@ async fn local_route(
         }
     };
     binding.metrics.connections.inc();
-    binding.metrics.active.inc();
+    binding.metrics.opened();
     let activity = Activity::new();
     activity.touch();
     let mut reader = tokio::spawn(relay_to_socket(
@@ -243,7 +243,7 @@ async fn local_route(
     )
     .await;
     reader.abort();
-    binding.metrics.active.dec();
+    binding.metrics.closed();
 }
 
 /// A `-T` UDP binding's side of one route: a UDP socket connected to the target.
@@ -272,7 +272,7 @@ pub(crate) async fn serve_remote(
         return;
     }
     metrics.connections.inc();
-    metrics.active.inc();
+    metrics.opened();
     let activity = Activity::new();
     activity.touch();
     let to_target = socket.clone();
@@ -317,7 +317,7 @@ pub(crate) async fn serve_remote(
     .await;
     from_target.abort();
     reader.abort();
-    metrics.active.dec();
+    metrics.closed();
 }
 
 async fn connected_socket(binding: &RemoteBinding) -> std::io::Result<UdpSocket> {

@@ -138,7 +138,7 @@ async fn carry(client: TcpStream, peer: SocketAddr, binding: Arc<LocalBindingCon
         }
     };
     binding.metrics.connections.inc();
-    binding.metrics.active.inc();
+    binding.metrics.opened();
     let result = stream::pump(
         client,
         receiver,
@@ -148,7 +148,7 @@ async fn carry(client: TcpStream, peer: SocketAddr, binding: Arc<LocalBindingCon
         binding.link.settings.keepalive,
     )
     .await;
-    binding.metrics.active.dec();
+    binding.metrics.closed();
     match result {
         Ok(()) => debug!(%peer, "connection ended"),
         Err(error) => {

@@ -180,7 +180,7 @@ async fn serve_stream(
         return;
     }
     metrics.connections.inc();
-    metrics.active.inc();
+    metrics.opened();
     let result = stream::pump(
         tcp,
         receiver,
@@ -190,7 +190,7 @@ async fn serve_stream(
         settings.keepalive,
     )
     .await;
-    metrics.active.dec();
+    metrics.closed();
     if let Err(error) = result {
         metrics.failure("aborted");
         debug!(%error, "connection aborted");

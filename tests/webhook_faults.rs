@@ -799,3 +799,54 @@ async fn bodies_that_declare_three_mib_and_stall_get_408_after_the_request_timeo
     );
     Ok(())
 }
+
+/// One review over `sender`; its HTTP status.
+async fn h2_review(sender: &mut h2::client::SendRequest<Bytes>, uid: &str) -> Result<u16> {
+    let body = review_body(uid)?;
+    let (response, mut stream) = start_post(sender, body.len()).await?;
+    stream.send_data(Bytes::from(body), true)?;
+    let response = tokio::time::timeout(GOOD_LATENCY, response).await??;
+    Ok(response.status().as_u16())
+}
+
+/// With a shutdown delay, SIGTERM sends the connections already open away at once (HTTP/2
+/// GOAWAY) while new connections are still accepted and answered until the delay ends: a
+/// client that holds one connection to a Service (the API server) moves to a new one, which
+/// kube-proxy gives to a live replica, instead of losing a review when the process dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_open_connections_away_and_accepts_new_ones_through_the_delay() -> Result<()>
+{
+    let delay = Duration::from_secs(4);
+    let mut webhook = Webhook::start(&["--shutdown-delay=4s", "--drain-timeout=3s"])?;
+    let ca = webhook.ca_pem()?;
+    let (mut sender, connection) = h2_connect(&webhook, &ca).await?;
+    let connection = tokio::spawn(connection);
+    ensure!(h2_review(&mut sender, "before").await? == 200);
+
+    webhook.signal_term()?;
+    let signalled = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(2), connection)
+        .await
+        .map_err(|_| anyhow!("the open HTTP/2 connection was not sent away within 2 s"))?;
+    let away_after = signalled.elapsed();
+    // A new connection in the delay: accepted and answered.
+    let mut fresh = h2_client(&webhook, &ca).await?;
+    ensure!(h2_review(&mut fresh, "during-the-delay").await? == 200);
+    ensure!(
+        signalled.elapsed() < delay,
+        "the new connection was answered only after the delay ({:?})",
+        signalled.elapsed()
+    );
+    let status = webhook.wait_exit(Duration::from_secs(10))?;
+    let exited = signalled.elapsed();
+    ensure!(status.success(), "exit status {status}");
+    ensure!(
+        exited >= delay,
+        "exited {exited:?} after SIGTERM, before the delay ended"
+    );
+    no_panic(&webhook)?;
+    println!(
+        "SIGTERM with a 4 s delay: open HTTP/2 connection sent away after {away_after:?} ({ended:?}), a new one answered, exit after {exited:?}"
+    );
+    Ok(())
+}

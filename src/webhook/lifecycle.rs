@@ -17,6 +17,8 @@ struct Inner {
     /// Read by every `/readyz`; written only under `gate`.
     ready: AtomicBool,
     gate: Mutex<Gate>,
+    /// Wakes [`Readiness::stopping`] when [`Readiness::stop`] is called.
+    stopped: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -56,6 +58,20 @@ impl Readiness {
         let mut gate = self.gate();
         gate.stopping = true;
         self.inner.ready.store(false, Ordering::Release);
+        self.inner.stopped.notify_waiters();
+    }
+
+    /// Resolves once [`stop`](Self::stop) was called (at once if it already was).
+    pub async fn stopping(&self) {
+        loop {
+            let notified = self.inner.stopped.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.gate().stopping {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
@@ -107,5 +123,24 @@ mod tests {
         readiness.set_trusted(true);
         assert!(!readiness.is_ready(), "a check after shutdown began");
         assert!(readiness.trusted());
+    }
+
+    #[tokio::test]
+    async fn stopping_resolves_when_stop_is_called_and_after() {
+        let readiness = Readiness::new();
+        let waiting = tokio::spawn({
+            let readiness = readiness.clone();
+            async move { readiness.stopping().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "resolved before stop");
+        readiness.stop();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("stopping resolves on stop")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), readiness.stopping())
+            .await
+            .expect("stopping resolves at once once stopped");
     }
 }

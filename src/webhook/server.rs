@@ -251,6 +251,14 @@ impl Server {
     /// Serves kips' admission router over HTTPS until `shutdown` resolves; then stops
     /// accepting, marks the server not ready, and lets in-flight requests finish within the
     /// drain timeout.
+    ///
+    /// Once the readiness is stopped (SIGTERM, before the shutdown delay), the connections
+    /// already open are told to go away (hyper's graceful shutdown: an HTTP/2 GOAWAY)
+    /// while new ones are still accepted: the API server keeps one connection to a Service
+    /// for as long as it can, and kube-proxy's choice of pod holds only for new ones, so a
+    /// connection kept open to a stopping replica would carry admissions until the process
+    /// dies (a short grace period, a kill), failing the one in flight. Its next request
+    /// opens a new connection, which goes to a live replica once endpoints drop this pod.
     pub async fn serve(
         self,
         state: AppState,
@@ -260,7 +268,11 @@ impl Server {
     ) -> Result<()> {
         let app = router(state.clone(), &settings);
         let readiness = state.readiness.clone();
-        self.serve_router(app, tls, settings, async move {
+        let stopping = {
+            let readiness = readiness.clone();
+            async move { readiness.stopping().await }
+        };
+        self.serve_phased(app, tls, settings, stopping, async move {
             shutdown.await;
             readiness.stop();
         })
@@ -276,45 +288,107 @@ impl Server {
         settings: ServerSettings,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        // Without TCP_NODELAY, a response written in two segments (HTTP/2 HEADERS, then
-        // DATA) waits for the client's delayed ACK: 40 ms added to an admission.
-        let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
-            .handshake_timeout(settings.handshake_timeout)
-            .acceptor(NoDelayAcceptor::new());
-        let mut server = axum_server::from_tcp(self.listener)?
-            .acceptor(acceptor)
-            .handle(self.handle.clone());
-        server
-            .http_builder()
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout);
-        // HTTP/2 abuse limits, written out rather than left to hyper's defaults (they are
-        // hyper's, held by tests/webhook_faults.rs): at most 200 streams at once per
-        // connection; a client that resets streams before they are served (rapid reset) or
-        // makes the server reset many gets a GOAWAY; a header block, CONTINUATION frames
-        // included, stops at 16 KiB (the API server sends well under 1 KiB).
-        server
-            .http_builder()
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .max_concurrent_streams(200)
-            .max_pending_accept_reset_streams(20)
-            .max_local_error_reset_streams(1024)
-            .max_header_list_size(16 * 1024);
-        let handle = self.handle.clone();
-        let drain = settings.drain_timeout;
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!(connections = handle.connection_count(), "draining");
-            handle.graceful_shutdown(Some(drain));
-        });
-        server
-            .serve(app.into_make_service())
+        self.serve_phased(app, tls, settings, std::future::pending::<()>(), shutdown)
             .await
-            .context("serving HTTPS")?;
+    }
+
+    /// Serves until `shutdown`, then drains. When `stopping` resolves first, the open
+    /// connections are shut down gracefully and a second accept loop on the same socket
+    /// (a duplicate of the listener, so no connection waiting in the backlog is lost)
+    /// serves new connections until `shutdown`.
+    async fn serve_phased(
+        self,
+        app: Router,
+        tls: Arc<ServerConfig>,
+        settings: ServerSettings,
+        stopping: impl Future<Output = ()> + Send + 'static,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let spare = self
+            .listener
+            .try_clone()
+            .context("duplicating the listener")?;
+        let first = self.handle.clone();
+        let (started, second) = tokio::sync::oneshot::channel();
+        let drain = settings.drain_timeout;
+        {
+            let (app, tls, settings) = (app.clone(), tls.clone(), settings.clone());
+            tokio::spawn(async move {
+                tokio::pin!(shutdown);
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => {
+                        tracing::info!(connections = first.connection_count(), "draining");
+                        first.graceful_shutdown(Some(drain));
+                        return;
+                    }
+                    () = stopping => {}
+                }
+                tracing::info!(
+                    connections = first.connection_count(),
+                    "stopping: asking open connections to go away, still accepting new ones"
+                );
+                first.graceful_shutdown(Some(drain));
+                let later = axum_server::Handle::new();
+                let _ = started.send(tokio::spawn(accept_loop(
+                    spare,
+                    app,
+                    tls,
+                    settings,
+                    later.clone(),
+                )));
+                shutdown.await;
+                tracing::info!(connections = later.connection_count(), "draining");
+                later.graceful_shutdown(Some(drain));
+            });
+        }
+        accept_loop(self.listener, app, tls, settings, self.handle).await?;
+        if let Ok(task) = second.await {
+            task.await.context("the second accept loop")??;
+        }
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Accepts and serves connections on kips' HTTPS stack until `handle` shuts it down and
+/// its connections are done.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    app: Router,
+    tls: Arc<ServerConfig>,
+    settings: ServerSettings,
+    handle: axum_server::Handle<SocketAddr>,
+) -> Result<()> {
+    // Without TCP_NODELAY, a response written in two segments (HTTP/2 HEADERS, then
+    // DATA) waits for the client's delayed ACK: 40 ms added to an admission.
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(tls))
+        .handshake_timeout(settings.handshake_timeout)
+        .acceptor(NoDelayAcceptor::new());
+    let mut server = axum_server::from_tcp(listener)?
+        .acceptor(acceptor)
+        .handle(handle);
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
+    // HTTP/2 abuse limits, written out rather than left to hyper's defaults (they are
+    // hyper's, held by tests/webhook_faults.rs): at most 200 streams at once per
+    // connection; a client that resets streams before they are served (rapid reset) or
+    // makes the server reset many gets a GOAWAY; a header block, CONTINUATION frames
+    // included, stops at 16 KiB (the API server sends well under 1 KiB).
+    server
+        .http_builder()
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .max_concurrent_streams(200)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(1024)
+        .max_header_list_size(16 * 1024);
+    server
+        .serve(app.into_make_service())
+        .await
+        .context("serving HTTPS")
 }

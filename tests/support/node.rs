@@ -1478,6 +1478,24 @@ fn node_processes(fp: &Footprint) -> Vec<(u32, String)> {
     let cgroup = format!("/{}", fp.tag);
     let mut found = Vec::new();
     let mut parents = Vec::new();
+    // This node's netns inode counts only while the netns itself is there (its inode cannot
+    // be reused meanwhile); the other clusters' netns, to tell their processes apart.
+    let netns_alive = fp.netns_inode.is_some()
+        && fs::metadata(format!("/run/netns/{}", fp.tag))
+            .map(|m| m.ino())
+            .ok()
+            == fp.netns_inode;
+    let others: Vec<u64> = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(TAG_PREFIX) && name != fp.tag.as_str()
+        })
+        .filter_map(|e| e.metadata().ok().map(|m| m.ino()))
+        .collect();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
     };
@@ -1502,14 +1520,17 @@ fn node_processes(fp: &Footprint) -> Vec<(u32, String)> {
             continue;
         }
         parents.push((pid, parent_of(&stat)));
-        let in_net = fp.netns_inode.is_some() && ns_inode(pid, "net") == fp.netns_inode;
+        let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let paths = || cgroups.lines().filter_map(|l| l.splitn(3, ':').nth(2));
+        let in_cgroup = paths().any(|p| p == cgroup || p.starts_with(&format!("{cgroup}/")));
+        // Namespace inodes are reused once a namespace is gone: a pod of another cluster
+        // running beside this one may get the inode this node's netns or mount namespace had.
+        let foreign = !in_cgroup
+            && (paths().any(|p| p.starts_with(&format!("/{TAG_PREFIX}")))
+                || ns_inode(pid, "net").is_some_and(|i| others.contains(&i)));
+        let in_net = netns_alive && ns_inode(pid, "net") == fp.netns_inode;
         let in_mnt = fp.mount_ns_inode.is_some() && ns_inode(pid, "mnt") == fp.mount_ns_inode;
-        let in_cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.splitn(3, ':').nth(2))
-            .any(|p| p == cgroup || p.starts_with(&format!("{cgroup}/")));
-        if in_net || in_mnt || in_cgroup {
+        if in_cgroup || (!foreign && (in_net || in_mnt)) {
             found.push((pid, command_line(pid)));
         }
     }

@@ -174,8 +174,14 @@ async fn a_thousand_streams_end_when_the_relay_or_the_listener_dies_and_memory_i
     let back = works(listen, "a stream to the restarted listener").await?;
     // A second thousand streams leave no more behind than the first (nothing leaks).
     let ceiling = after_relay + (after_relay / 4).max(2048);
-    let after_listener =
-        gives_back(pid, after_relay, loaded, ceiling, "after the listener's restart").await?;
+    let after_listener = gives_back(
+        pid,
+        after_relay,
+        loaded,
+        ceiling,
+        "after the listener's restart",
+    )
+    .await?;
     eprintln!(
         "bridge faults: listener killed under {STREAMS} streams: all ended within {:.2} s; \
          streams again {:.2} s after its restart; -L bridge RssAnon {loaded} KiB with the \

@@ -438,11 +438,29 @@ async fn the_health_port_says_not_ready_while_the_listener_is_offline() -> Resul
         "{metrics}"
     );
     relay.stop();
+    // Each listener notices on its own control channel (a few ms apart): not ready at the
+    // first, and then both named.
     let (status, body) = eventually("not ready", Duration::from_secs(5), || async {
         remote.get("/readyz").await.ok().filter(|(s, _)| *s == 503)
     })
     .await?;
     assert_eq!(status, 503);
+    assert!(body.contains(") offline"), "{body}");
+    let body = eventually(
+        "both listeners named offline",
+        Duration::from_secs(5),
+        || async {
+            remote
+                .get("/readyz")
+                .await
+                .ok()
+                .filter(|(s, b)| {
+                    *s == 503 && b.contains("(-T #1) offline") && b.contains("(-T #2) offline")
+                })
+                .map(|(_, b)| b)
+        },
+    )
+    .await?;
     assert!(body.contains("listener api (-T #1) offline"), "{body}");
     assert_eq!(remote.get("/livez").await?.0, 200);
     relay.restart().await?;

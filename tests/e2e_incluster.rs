@@ -32,7 +32,7 @@ use support::kips_e2e::{CHART, RELEASE_NAMESPACE, eventually, helm, live_pods};
 use support::laptop::{TestRelay, http_app, kips_connect};
 use support::node::Cluster;
 use support::scenario::{
-    WAIT, apply, assert_ready_without_restarts, client_get, cluster_ip, deployment,
+    WAIT, apply, assert_ready_without_restarts, client_get, client_pod, cluster_ip, deployment,
     get_from_client, kips_cli, rollout, say, service, skip,
 };
 
@@ -271,17 +271,7 @@ async fn story(cluster: &Cluster, relay: &TestRelay, dir: &std::path::Path) -> R
     let images = cluster.images();
     let n = &cluster.control_plane().create_namespace("story").await?;
     relay.create_secret(&client, n).await?;
-    let client_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{
-                "name": "client", "image": images.client, "imagePullPolicy": "Never",
-                "command": ["/usr/bin/sleep", "86400"]
-            }]
-        }
-    });
+    let client_pod = client_pod(&images.client);
     apply(
         cluster,
         n,

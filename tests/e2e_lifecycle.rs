@@ -35,7 +35,7 @@ use support::kips_e2e::{KipsWebhook, eventually, live_pods};
 use support::laptop::{TestRelay, http_app, kips_connect};
 use support::node::Cluster;
 use support::scenario::{
-    KIPS, WAIT, apply, client_get, cluster_ip, deployment, find, forwarding_settled,
+    KIPS, WAIT, apply, client_get, client_pod, cluster_ip, deployment, find, forwarding_settled,
     get_from_client, kips_cli, rollout, say, service, skip,
 };
 
@@ -266,17 +266,7 @@ async fn scenarios(cluster: &Cluster) -> Result<()> {
     let n = ns.as_str();
     relay.create_secret(&client, n).await?;
 
-    let client_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{
-                "name": "client", "image": images.client, "imagePullPolicy": "Never",
-                "command": ["/usr/bin/sleep", "86400"]
-            }]
-        }
-    });
+    let client_pod = client_pod(&images.client);
     let mut web = deployment("web", 2, &images.app, json!({}));
     web["kind"] = json!("StatefulSet");
     web["spec"]["serviceName"] = json!("web");

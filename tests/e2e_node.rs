@@ -27,8 +27,8 @@ use serde_json::{Value, json};
 use support::kips_e2e::{KipsWebhook, create_relay_secret, eventually, live_pods};
 use support::node::{self, Cluster};
 use support::scenario::{
-    KIPS, WAIT, apply, assert_ready_without_restarts, client_get, cluster_ip, deployment, find,
-    get_from_client, kips_cli, kips_inject, rollout, say, service, skip,
+    KIPS, WAIT, apply, assert_ready_without_restarts, client_get, client_pod, cluster_ip,
+    deployment, find, get_from_client, kips_cli, kips_inject, rollout, say, service, skip,
 };
 
 /// One cluster at a time: two nodes at once would only compete for the two cores.
@@ -77,17 +77,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let app = [
         deployment("app", 2, &images.app, json!({})),
         service("app"),
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "client"},
-            "spec": {
-                "terminationGracePeriodSeconds": 0,
-                "containers": [{
-                    "name": "client", "image": images.client, "imagePullPolicy": "Never",
-                    "command": ["/usr/bin/sleep", "86400"]
-                }]
-            }
-        }),
+        client_pod(&images.client),
     ];
     apply(cluster, n, &app).await?;
     rollout(cluster, n, "app").await?;
@@ -359,17 +349,7 @@ async fn expose_scenario(cluster: &Cluster) -> Result<()> {
     );
 
     // A client pod reaches pay:8080 through the Service, and lands on the sidecar.
-    let client_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{
-                "name": "client", "image": images.client, "imagePullPolicy": "Never",
-                "command": ["/usr/bin/sleep", "86400"]
-            }]
-        }
-    });
+    let client_pod = client_pod(&images.client);
     apply(cluster, n, &[client_pod]).await?;
     cluster
         .kubectl(&[

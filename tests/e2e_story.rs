@@ -26,8 +26,8 @@ use support::kips_e2e::{KipsWebhook, eventually, live_pods};
 use support::laptop::{TestRelay, http_app, kips_connect};
 use support::node::Cluster;
 use support::scenario::{
-    KIPS, WAIT, apply, assert_ready_without_restarts, client_get, cluster_ip, deployment, find,
-    get_from_client, rollout, say, service, skip,
+    KIPS, WAIT, apply, assert_ready_without_restarts, client_get, client_pod, cluster_ip,
+    deployment, find, get_from_client, rollout, say, service, skip,
 };
 
 #[tokio::test]
@@ -82,17 +82,7 @@ async fn story(cluster: &Cluster) -> Result<()> {
     relay.create_secret(&client, n).await?;
 
     // The application: Deployment api behind Service api, and a client pod.
-    let client_pod = json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "client"},
-        "spec": {
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{
-                "name": "client", "image": images.client, "imagePullPolicy": "Never",
-                "command": ["/usr/bin/sleep", "86400"]
-            }]
-        }
-    });
+    let client_pod = client_pod(&images.client);
     apply(
         cluster,
         n,

@@ -55,6 +55,21 @@ pub async fn kips_cli(args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
+/// Pod `client`: the test client image, idle, for `kubectl exec client -- testapp get`.
+pub fn client_pod(image: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "client"},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "client", "image": image, "imagePullPolicy": "Never",
+                "command": ["/usr/bin/sleep", "86400"]
+            }]
+        }
+    })
+}
+
 pub fn probe(path: &str) -> Value {
     json!({"httpGet": {"path": path, "port": 8080}, "periodSeconds": 2, "failureThreshold": 3})
 }
